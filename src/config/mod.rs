@@ -1,0 +1,593 @@
+//! The daemon's configuration: one TOML file, strict and fully checked.
+//!
+//! This module owns the config's types, their named defaults ([`defaults`]),
+//! reading secrets ([`secret`]) and turning every problem into a diagnostic
+//! with file, line and column. It must never start anything or touch the
+//! store: `check-config` runs it on a live system next to a running daemon.
+//!
+//! Keys are kebab-case and unknown keys are errors. Relative paths (secret
+//! files, directories, certificates) are relative to the config file's
+//! directory.
+//!
+//! Loading happens in three passes so that one `check-config` run reports
+//! as much as it can:
+//! 1. TOML syntax (every syntax error the parser can recover from);
+//! 2. each section deserialised on its own (a section's first type or
+//!    unknown-key error; other sections are still checked);
+//! 3. semantic rules ([`validate`]) and secret resolution, all reported.
+
+mod diagnostic;
+pub mod secret;
+mod validate;
+
+use std::fs;
+use std::io;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::de::{DeserializeOwned, IntoDeserializer};
+use serde::Deserialize;
+use toml::de::{DeTable, DeValue};
+
+pub use diagnostic::{Diagnostic, Diagnostics, Severity};
+pub use secret::{Secret, SecretEnvironment};
+
+use diagnostic::{span_of, SourceFile};
+use validate::Validate;
+
+/// Where an installed system keeps its config file.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/smaregi-relay/config.toml";
+
+/// Every default value of the configuration, by name.
+pub mod defaults {
+    use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+
+    /// HTTPS listener for Smaregi's notifications and the order API.
+    pub const LISTEN_ADDRESS: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 8443);
+    pub const STATE_DIRECTORY: &str = "/var/lib/smaregi-relay";
+    /// The drop folder for mapping CSVs, inside the state directory.
+    pub const DROP_SUBDIRECTORY: &str = "drop";
+    pub const CACHE_CAPACITY_MIB: u64 = 32;
+    pub const LOG_LEVEL: &str = "info";
+    /// Below systemd's default `TimeoutStopSec=` of 90 s, so we finish first.
+    pub const SHUTDOWN_TIMEOUT_SECONDS: u64 = 10;
+    pub const NOTIFY_PATH: &str = "/smaregi/notify";
+    pub const WEBHOOK_PATH: &str = "/smaregi/webhook";
+    pub const SECRET_PARAMETER: &str = "relay_secret";
+    pub const SMAREGI_ENDPOINT: &str = "https://webapi.smaregi.jp/access/";
+    pub const OUTBOX_WORKERS: u16 = 4;
+    pub const OUTBOX_MAX_AGE_HOURS: u64 = 72;
+    /// Loopback only: metrics and the staff status page.
+    pub const ADMIN_LISTEN_ADDRESS: SocketAddr =
+        SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 9187);
+    pub const CONTROL_SOCKET: &str = "/run/smaregi-relay/control.sock";
+}
+
+/// The whole configuration. Build it with [`load`] or [`parse`].
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listener: ListenerConfig,
+    pub storage: StorageConfig,
+    pub logging: LoggingConfig,
+    pub daemon: DaemonConfig,
+    pub intake: IntakeConfig,
+    /// `None` until the operator enters the contract id and access token:
+    /// the daemon then accepts and queues work but delivers nothing.
+    pub smaregi: Option<SmaregiConfig>,
+    pub outbox: OutboxConfig,
+    pub mapping: MappingConfig,
+    pub stock: StockConfig,
+    pub orders: OrdersConfig,
+    pub admin: AdminConfig,
+}
+
+/// `[listener]`: the HTTPS listener Smaregi and the store's EC side call.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct ListenerConfig {
+    pub address: SocketAddr,
+    /// PEM certificate chain; with neither this nor the key, a self-signed
+    /// certificate is generated in the state directory.
+    pub tls_certificate: Option<PathBuf>,
+    pub tls_private_key: Option<PathBuf>,
+}
+
+impl Default for ListenerConfig {
+    fn default() -> Self {
+        Self {
+            address: defaults::LISTEN_ADDRESS,
+            tls_certificate: None,
+            tls_private_key: None,
+        }
+    }
+}
+
+/// `[storage]`: where the database lives and how much memory it may cache.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct StorageConfig {
+    pub state_directory: PathBuf,
+    pub cache_capacity_mib: u64,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self {
+            state_directory: defaults::STATE_DIRECTORY.into(),
+            cache_capacity_mib: defaults::CACHE_CAPACITY_MIB,
+        }
+    }
+}
+
+impl StorageConfig {
+    /// The sled database directory inside the state directory.
+    pub fn database_directory(&self) -> PathBuf {
+        self.state_directory.join("db")
+    }
+}
+
+/// `[logging]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct LoggingConfig {
+    /// A `tracing` filter: `info`, or `warn,smaregi_relay=debug`.
+    /// `RUST_LOG` in the environment overrides it.
+    pub level: String,
+}
+
+impl Default for LoggingConfig {
+    fn default() -> Self {
+        Self {
+            level: defaults::LOG_LEVEL.to_owned(),
+        }
+    }
+}
+
+/// `[daemon]`: process lifecycle.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct DaemonConfig {
+    /// How long tasks get to finish after SIGTERM before the final commit.
+    pub shutdown_timeout_seconds: u64,
+}
+
+impl Default for DaemonConfig {
+    fn default() -> Self {
+        Self {
+            shutdown_timeout_seconds: defaults::SHUTDOWN_TIMEOUT_SECONDS,
+        }
+    }
+}
+
+/// `[intake]`: Smaregi's notifications to us (API送信 and webhooks).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct IntakeConfig {
+    #[serde(default = "default_notify_path")]
+    pub notify_path: String,
+    #[serde(default = "default_webhook_path")]
+    pub webhook_path: String,
+    /// The custom parameter (API送信設定) that carries the shared secret.
+    #[serde(default = "default_secret_parameter")]
+    pub secret_parameter: String,
+    /// The shared secret Smaregi sends in `secret-parameter`.
+    pub secret: Secret,
+}
+
+fn default_notify_path() -> String {
+    defaults::NOTIFY_PATH.to_owned()
+}
+
+fn default_webhook_path() -> String {
+    defaults::WEBHOOK_PATH.to_owned()
+}
+
+fn default_secret_parameter() -> String {
+    defaults::SECRET_PARAMETER.to_owned()
+}
+
+/// `[smaregi]`: our calls to Smaregi's API (受信設定).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct SmaregiConfig {
+    #[serde(default = "default_smaregi_endpoint")]
+    pub endpoint: String,
+    /// 契約ID.
+    pub contract_id: String,
+    /// アクセストークン.
+    pub access_token: Secret,
+}
+
+fn default_smaregi_endpoint() -> String {
+    defaults::SMAREGI_ENDPOINT.to_owned()
+}
+
+/// `[outbox]`: delivery of the calls we owe.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct OutboxConfig {
+    pub workers: u16,
+    /// Jobs still failing after this long are parked for an operator.
+    pub max_age_hours: u64,
+}
+
+impl Default for OutboxConfig {
+    fn default() -> Self {
+        Self {
+            workers: defaults::OUTBOX_WORKERS,
+            max_age_hours: defaults::OUTBOX_MAX_AGE_HOURS,
+        }
+    }
+}
+
+/// `[mapping]`: product mapping CSVs.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct MappingConfig {
+    /// Defaults to `drop/` in the state directory.
+    pub drop_directory: Option<PathBuf>,
+    pub fallback: MappingFallback,
+}
+
+impl Default for MappingConfig {
+    fn default() -> Self {
+        Self {
+            drop_directory: None,
+            fallback: MappingFallback::Identity,
+        }
+    }
+}
+
+/// What a product id that the mapping does not list maps to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MappingFallback {
+    /// To itself: the external code is the Smaregi product id.
+    Identity,
+    /// To nothing: the line is unmapped.
+    None,
+}
+
+/// `[stock]`: forwarding stock changes.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct StockConfig {
+    /// Smaregi store ids (店舗ID) to follow; empty means all.
+    pub stores: Vec<String>,
+}
+
+/// `[orders]`: the order API for the store's EC side.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct OrdersConfig {
+    /// Bearer token the EC side presents; the order API is off without it.
+    pub api_token: Option<Secret>,
+    /// 店舗ID used for orders that name none.
+    pub default_store_id: Option<String>,
+}
+
+/// `[admin]`: the operator surface.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct AdminConfig {
+    /// Metrics, health and the staff status page.
+    pub listen: SocketAddr,
+    pub control_socket: PathBuf,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            listen: defaults::ADMIN_LISTEN_ADDRESS,
+            control_socket: defaults::CONTROL_SOCKET.into(),
+        }
+    }
+}
+
+impl Config {
+    /// The drop folder for mapping CSVs.
+    pub fn drop_directory(&self) -> PathBuf {
+        self.mapping
+            .drop_directory
+            .clone()
+            .unwrap_or_else(|| self.storage.state_directory.join(defaults::DROP_SUBDIRECTORY))
+    }
+
+    fn resolve_relative_paths(&mut self, base: &Path) {
+        let absolute = |path: &mut PathBuf| {
+            if path.is_relative() {
+                *path = base.join(&*path);
+            }
+        };
+        absolute(&mut self.storage.state_directory);
+        absolute(&mut self.admin.control_socket);
+        for path in [
+            self.listener.tls_certificate.as_mut(),
+            self.listener.tls_private_key.as_mut(),
+            self.mapping.drop_directory.as_mut(),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            absolute(path);
+        }
+    }
+}
+
+/// A configuration as loaded from a file, with its warnings.
+#[derive(Debug, Clone)]
+pub struct LoadedConfig {
+    pub path: PathBuf,
+    pub config: Config,
+    /// Problems that do not stop the daemon, e.g. a secret readable by all.
+    pub warnings: Vec<Diagnostic>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {}: {source}", path.display())]
+    Unreadable { path: PathBuf, source: io::Error },
+    #[error("{0}")]
+    Invalid(Diagnostics),
+}
+
+impl ConfigError {
+    /// 66 when the file cannot be read, 78 when it is invalid.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Self::Unreadable { .. } => crate::exit::NO_INPUT,
+            Self::Invalid(_) => crate::exit::CONFIG,
+        }
+    }
+}
+
+/// Loads the config at `path`, reading secrets with this process's environment.
+pub fn load(path: &Path) -> Result<LoadedConfig, ConfigError> {
+    let directory = config_directory(path);
+    load_with(path, &SecretEnvironment::from_process(&directory))
+}
+
+/// Loads the config at `path`, reading secrets with the given environment.
+pub fn load_with(path: &Path, env: &SecretEnvironment) -> Result<LoadedConfig, ConfigError> {
+    let unreadable = |source| ConfigError::Unreadable {
+        path: path.to_path_buf(),
+        source,
+    };
+    let text = fs::read_to_string(path).map_err(unreadable)?;
+    let Parsed {
+        mut loaded,
+        has_inline_secret,
+    } = parse_checked(path, &text, env)?;
+    let metadata = fs::metadata(path).map_err(unreadable)?;
+    if has_inline_secret && secret::readable_by_others(&metadata) {
+        let warning = SourceFile { path, text: &text }.diagnostic(
+            Severity::Warning,
+            None,
+            format!(
+                "this file holds secrets and is readable by every user; restrict it with \
+                 `chmod o-rwx {}`, or move the secrets to files or systemd credentials",
+                path.display()
+            ),
+        );
+        loaded.warnings.insert(0, warning);
+    }
+    Ok(loaded)
+}
+
+fn config_directory(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+/// Parses and checks config text; `path` names it in diagnostics.
+pub fn parse(path: &Path, text: &str, env: &SecretEnvironment) -> Result<LoadedConfig, ConfigError> {
+    parse_checked(path, text, env).map(|parsed| parsed.loaded)
+}
+
+struct Parsed {
+    loaded: LoadedConfig,
+    /// Some secret is written in the file itself, so who may read the file matters.
+    has_inline_secret: bool,
+}
+
+fn parse_checked(path: &Path, text: &str, env: &SecretEnvironment) -> Result<Parsed, ConfigError> {
+    let source = SourceFile { path, text };
+    let (root, syntax_errors) = DeTable::parse_recoverable(text);
+    if !syntax_errors.is_empty() {
+        let mut errors: Vec<_> = syntax_errors
+            .into_iter()
+            .map(|e| source.diagnostic(Severity::Error, e.span(), e.message().trim()))
+            .collect();
+        errors.sort_by_key(|d| (d.line, d.column));
+        return Err(ConfigError::Invalid(Diagnostics(errors)));
+    }
+    let root = root.into_inner();
+
+    let mut checker = SectionChecker {
+        source: &source,
+        root: &root,
+        env,
+        errors: Vec::new(),
+        warnings: Vec::new(),
+        has_inline_secret: false,
+    };
+    let mut sections = Sections::default();
+    for (key, value) in root.clone() {
+        match &**key.get_ref() {
+            "listener" => checker.load(value, &mut sections.listener),
+            "storage" => checker.load(value, &mut sections.storage),
+            "logging" => checker.load(value, &mut sections.logging),
+            "daemon" => checker.load(value, &mut sections.daemon),
+            "intake" => checker.load(value, &mut sections.intake),
+            "smaregi" => checker.load(value, &mut sections.smaregi),
+            "outbox" => checker.load(value, &mut sections.outbox),
+            "mapping" => checker.load(value, &mut sections.mapping),
+            "stock" => checker.load(value, &mut sections.stock),
+            "orders" => checker.load(value, &mut sections.orders),
+            "admin" => checker.load(value, &mut sections.admin),
+            unknown => checker.errors.push(source.diagnostic(
+                Severity::Error,
+                Some(key.span()),
+                format!("unknown section `{unknown}`, expected one of {SECTION_NAMES}"),
+            )),
+        }
+    }
+    if !root.contains_key("intake") {
+        checker.errors.push(source.diagnostic(
+            Severity::Error,
+            None,
+            "missing section `[intake]`: it must set `secret`, the shared secret Smaregi sends \
+             with every notification",
+        ));
+    }
+    let SectionChecker {
+        mut errors,
+        warnings,
+        has_inline_secret,
+        ..
+    } = checker;
+    let mut config = match sections.into_config() {
+        Some(config) if errors.is_empty() => config,
+        _ => {
+            errors.sort_by_key(|d| (d.line, d.column));
+            return Err(ConfigError::Invalid(Diagnostics(errors)));
+        }
+    };
+    config.resolve_relative_paths(&env.config_directory);
+    Ok(Parsed {
+        loaded: LoadedConfig {
+            path: path.to_path_buf(),
+            config,
+            warnings,
+        },
+        has_inline_secret,
+    })
+}
+
+/// A config section: deserialised, validated and its secrets resolved on its own.
+trait Section: DeserializeOwned + Validate {
+    fn secrets_mut(&mut self) -> Vec<(&'static [&'static str], &mut Secret)> {
+        Vec::new()
+    }
+}
+
+impl Section for ListenerConfig {}
+impl Section for StorageConfig {}
+impl Section for LoggingConfig {}
+impl Section for DaemonConfig {}
+impl Section for OutboxConfig {}
+impl Section for MappingConfig {}
+impl Section for StockConfig {}
+impl Section for AdminConfig {}
+
+impl Section for IntakeConfig {
+    fn secrets_mut(&mut self) -> Vec<(&'static [&'static str], &mut Secret)> {
+        vec![(&["intake", "secret"], &mut self.secret)]
+    }
+}
+
+impl Section for SmaregiConfig {
+    fn secrets_mut(&mut self) -> Vec<(&'static [&'static str], &mut Secret)> {
+        vec![(&["smaregi", "access-token"], &mut self.access_token)]
+    }
+}
+
+impl Section for OrdersConfig {
+    fn secrets_mut(&mut self) -> Vec<(&'static [&'static str], &mut Secret)> {
+        self.api_token
+            .iter_mut()
+            .map(|token| (&["orders", "api-token"][..], token))
+            .collect()
+    }
+}
+
+/// Collects the diagnostics of every section of one file.
+struct SectionChecker<'a> {
+    source: &'a SourceFile<'a>,
+    root: &'a DeTable<'a>,
+    env: &'a SecretEnvironment,
+    errors: Vec<Diagnostic>,
+    warnings: Vec<Diagnostic>,
+    has_inline_secret: bool,
+}
+
+impl SectionChecker<'_> {
+    fn load<T: Section>(&mut self, value: toml::Spanned<DeValue<'_>>, slot: &mut Option<T>) {
+        let mut section = match T::deserialize(value.into_deserializer()) {
+            Ok(section) => section,
+            Err(e) => {
+                self.error(e.span(), e.message().trim());
+                return;
+            }
+        };
+        let mut problems = Vec::new();
+        section.validate(&mut problems);
+        for problem in problems {
+            self.error(span_of(self.root, problem.key), problem.message);
+        }
+        for (key, secret) in section.secrets_mut() {
+            match secret.resolve(self.env) {
+                Ok(resolved) => {
+                    self.has_inline_secret |= resolved.inline;
+                    if let Some(warning) = resolved.warning {
+                        self.warnings.push(self.source.diagnostic(
+                            Severity::Warning,
+                            Some(secret.span()),
+                            warning,
+                        ));
+                    }
+                    if let Some(message) = validate::secret_strength(key, secret.expose()) {
+                        self.error(Some(secret.span()), message);
+                    }
+                }
+                Err(message) => self.error(Some(secret.span()), message),
+            }
+        }
+        *slot = Some(section);
+    }
+
+    fn error(&mut self, span: Option<std::ops::Range<usize>>, message: impl Into<String>) {
+        self.errors
+            .push(self.source.diagnostic(Severity::Error, span, message));
+    }
+}
+
+const SECTION_NAMES: &str = "`listener`, `storage`, `logging`, `daemon`, `intake`, `smaregi`, \
+                             `outbox`, `mapping`, `stock`, `orders`, `admin`";
+
+/// The sections seen so far; a missing one takes its defaults.
+#[derive(Default)]
+struct Sections {
+    listener: Option<ListenerConfig>,
+    storage: Option<StorageConfig>,
+    logging: Option<LoggingConfig>,
+    daemon: Option<DaemonConfig>,
+    intake: Option<IntakeConfig>,
+    smaregi: Option<SmaregiConfig>,
+    outbox: Option<OutboxConfig>,
+    mapping: Option<MappingConfig>,
+    stock: Option<StockConfig>,
+    orders: Option<OrdersConfig>,
+    admin: Option<AdminConfig>,
+}
+
+impl Sections {
+    /// The config, if the one required section is present.
+    fn into_config(self) -> Option<Config> {
+        Some(Config {
+            listener: self.listener.unwrap_or_default(),
+            storage: self.storage.unwrap_or_default(),
+            logging: self.logging.unwrap_or_default(),
+            daemon: self.daemon.unwrap_or_default(),
+            intake: self.intake?,
+            smaregi: self.smaregi,
+            outbox: self.outbox.unwrap_or_default(),
+            mapping: self.mapping.unwrap_or_default(),
+            stock: self.stock.unwrap_or_default(),
+            orders: self.orders.unwrap_or_default(),
+            admin: self.admin.unwrap_or_default(),
+        })
+    }
+}

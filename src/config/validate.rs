@@ -1,0 +1,317 @@
+//! Semantic rules over a structurally valid config.
+//!
+//! Pure: no I/O. Each problem names the key it is about; the loader turns
+//! the key into a line and column.
+
+use std::net::IpAddr;
+
+use super::{
+    AdminConfig, DaemonConfig, IntakeConfig, ListenerConfig, LoggingConfig, MappingConfig,
+    OrdersConfig, OutboxConfig, SmaregiConfig, StockConfig, StorageConfig,
+};
+
+/// Shorter shared secrets are refused: they can be guessed.
+pub const MIN_SECRET_CHARS: usize = 16;
+pub const MAX_CACHE_CAPACITY_MIB: u64 = 4096;
+pub const MAX_SHUTDOWN_TIMEOUT_SECONDS: u64 = 600;
+pub const MAX_OUTBOX_WORKERS: u16 = 256;
+
+/// One broken rule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub key: &'static [&'static str],
+    pub message: String,
+}
+
+fn problem(key: &'static [&'static str], message: impl Into<String>) -> Problem {
+    Problem {
+        key,
+        message: message.into(),
+    }
+}
+
+/// The rules of one config section. Run on each section as soon as it
+/// has been deserialised, so that one run reports every section's problems.
+pub(super) trait Validate {
+    fn validate(&self, problems: &mut Vec<Problem>);
+}
+
+fn check(problems: &mut Vec<Problem>, ok: bool, key: &'static [&'static str], message: String) {
+    if !ok {
+        problems.push(problem(key, message));
+    }
+}
+
+impl Validate for ListenerConfig {
+    fn validate(&self, problems: &mut Vec<Problem>) {
+        const CERTIFICATE: &[&str] = &["listener", "tls-certificate"];
+        const PRIVATE_KEY: &[&str] = &["listener", "tls-private-key"];
+        let (key, present, absent) = match (&self.tls_certificate, &self.tls_private_key) {
+            (Some(_), None) => (CERTIFICATE, "tls-certificate", "tls-private-key"),
+            (None, Some(_)) => (PRIVATE_KEY, "tls-private-key", "tls-certificate"),
+            _ => return,
+        };
+        problems.push(problem(
+            key,
+            format!(
+                "`{present}` is set but `{absent}` is not: set both, or neither to use a \
+                 generated self-signed certificate"
+            ),
+        ));
+    }
+}
+
+impl Validate for StorageConfig {
+    fn validate(&self, problems: &mut Vec<Problem>) {
+        let cache = self.cache_capacity_mib;
+        check(
+            problems,
+            (1..=MAX_CACHE_CAPACITY_MIB).contains(&cache),
+            &["storage", "cache-capacity-mib"],
+            format!("must be between 1 and {MAX_CACHE_CAPACITY_MIB}, not {cache}"),
+        );
+    }
+}
+
+impl Validate for LoggingConfig {
+    fn validate(&self, problems: &mut Vec<Problem>) {
+        if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(&self.level) {
+            problems.push(problem(
+                &["logging", "level"],
+                format!(
+                    "`{}` is not a log filter ({e}); use e.g. \"info\" or \"warn,smaregi_relay=debug\"",
+                    self.level
+                ),
+            ));
+        }
+    }
+}
+
+impl Validate for DaemonConfig {
+    fn validate(&self, problems: &mut Vec<Problem>) {
+        let timeout = self.shutdown_timeout_seconds;
+        check(
+            problems,
+            (1..=MAX_SHUTDOWN_TIMEOUT_SECONDS).contains(&timeout),
+            &["daemon", "shutdown-timeout-seconds"],
+            format!("must be between 1 and {MAX_SHUTDOWN_TIMEOUT_SECONDS}, not {timeout}"),
+        );
+    }
+}
+
+impl Validate for IntakeConfig {
+    fn validate(&self, problems: &mut Vec<Problem>) {
+        for (key, path) in [
+            (&["intake", "notify-path"][..], &self.notify_path),
+            (&["intake", "webhook-path"][..], &self.webhook_path),
+        ] {
+            check(
+                problems,
+                is_url_path(path),
+                key,
+                format!(
+                    "`{path}` is not a URL path: it must start with `/` and hold no spaces, `?` or `#`"
+                ),
+            );
+        }
+        check(
+            problems,
+            self.notify_path != self.webhook_path,
+            &["intake", "webhook-path"],
+            "must differ from `notify-path`".into(),
+        );
+        check(
+            problems,
+            is_parameter_name(&self.secret_parameter),
+            &["intake", "secret-parameter"],
+            format!(
+                "`{}` is not a parameter name: use 1 to 64 of A-Z a-z 0-9 _ -",
+                self.secret_parameter
+            ),
+        );
+    }
+}
+
+impl Validate for SmaregiConfig {
+    fn validate(&self, problems: &mut Vec<Problem>) {
+        if let Err(message) = check_endpoint(&self.endpoint) {
+            problems.push(problem(&["smaregi", "endpoint"], message));
+        }
+        check(
+            problems,
+            is_contract_id(&self.contract_id),
+            &["smaregi", "contract-id"],
+            format!(
+                "`{}` is not a contract id (契約ID): use 1 to 64 of A-Z a-z 0-9 _",
+                self.contract_id
+            ),
+        );
+    }
+}
+
+impl Validate for OutboxConfig {
+    fn validate(&self, problems: &mut Vec<Problem>) {
+        let workers = self.workers;
+        check(
+            problems,
+            (1..=MAX_OUTBOX_WORKERS).contains(&workers),
+            &["outbox", "workers"],
+            format!("must be between 1 and {MAX_OUTBOX_WORKERS}, not {workers}"),
+        );
+        check(
+            problems,
+            self.max_age_hours >= 1,
+            &["outbox", "max-age-hours"],
+            "must be at least 1".into(),
+        );
+    }
+}
+
+impl Validate for MappingConfig {
+    fn validate(&self, _: &mut Vec<Problem>) {}
+}
+
+impl Validate for StockConfig {
+    fn validate(&self, problems: &mut Vec<Problem>) {
+        for (i, store) in self.stores.iter().enumerate() {
+            check(
+                problems,
+                is_store_id(store),
+                &["stock", "stores"],
+                format!("`{store}` is not a store id (店舗ID): use 1 to 9 digits"),
+            );
+            check(
+                problems,
+                !self.stores[..i].contains(store),
+                &["stock", "stores"],
+                format!("store `{store}` is listed twice"),
+            );
+        }
+    }
+}
+
+impl Validate for OrdersConfig {
+    fn validate(&self, problems: &mut Vec<Problem>) {
+        if let Some(store) = &self.default_store_id {
+            check(
+                problems,
+                is_store_id(store),
+                &["orders", "default-store-id"],
+                format!("`{store}` is not a store id (店舗ID): use 1 to 9 digits"),
+            );
+        }
+    }
+}
+
+impl Validate for AdminConfig {
+    fn validate(&self, _: &mut Vec<Problem>) {}
+}
+
+/// A problem with a resolved secret's value, if any.
+pub fn secret_strength(key: &[&str], value: &str) -> Option<String> {
+    let chars = value.chars().count();
+    if chars < MIN_SECRET_CHARS {
+        return Some(format!(
+            "`{}` is {chars} characters long; use at least {MIN_SECRET_CHARS} (e.g. the output \
+             of `openssl rand -hex 24`)",
+            key.last().unwrap_or(&"secret")
+        ));
+    }
+    if value.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return Some(format!(
+            "`{}` contains spaces or control characters, which do not survive forms and headers",
+            key.last().unwrap_or(&"secret")
+        ));
+    }
+    None
+}
+
+fn is_url_path(path: &str) -> bool {
+    path.starts_with('/')
+        && !path
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control() || c == '?' || c == '#')
+}
+
+fn is_parameter_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+fn is_contract_id(id: &str) -> bool {
+    (1..=64).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
+/// 店舗ID: 1 to 9 digits (SMAREGI.md §4).
+pub fn is_store_id(id: &str) -> bool {
+    (1..=9).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_digit())
+}
+
+/// TLS only; plain `http://` is accepted for a loopback host, where the
+/// Smaregi simulator runs in tests and demos.
+fn check_endpoint(endpoint: &str) -> Result<(), String> {
+    if let Some(rest) = endpoint.strip_prefix("https://") {
+        return if rest.is_empty() || rest.starts_with('/') {
+            Err(format!("`{endpoint}` has no host"))
+        } else {
+            Ok(())
+        };
+    }
+    if let Some(rest) = endpoint.strip_prefix("http://") {
+        let authority = rest.split('/').next().unwrap_or_default();
+        let host = match authority.strip_prefix('[') {
+            Some(bracketed) => bracketed.split(']').next().unwrap_or_default(),
+            None => authority.rsplit_once(':').map_or(authority, |(host, _)| host),
+        };
+        let loopback = host == "localhost" || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback());
+        return if loopback {
+            Ok(())
+        } else {
+            Err(format!(
+                "`{endpoint}` is plain HTTP: use https:// (http:// is allowed only to a loopback \
+                 address, for the simulator)"
+            ))
+        };
+    }
+    Err(format!("`{endpoint}` is not an https:// URL"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn endpoints_must_be_tls_except_to_loopback() {
+        assert!(check_endpoint("https://webapi.smaregi.jp/access/").is_ok());
+        assert!(check_endpoint("http://127.0.0.1:8080/access/").is_ok());
+        assert!(check_endpoint("http://[::1]:8080/access/").is_ok());
+        assert!(check_endpoint("http://localhost/access/").is_ok());
+        assert!(check_endpoint("http://webapi.smaregi.jp/access/").is_err());
+        assert!(check_endpoint("http://127.0.0.1.evil.example/").is_err());
+        assert!(check_endpoint("https:///access").is_err());
+        assert!(check_endpoint("ftp://x").is_err());
+    }
+
+    #[test]
+    fn weak_secrets_are_refused() {
+        assert!(secret_strength(&["intake", "secret"], "short").is_some());
+        assert!(secret_strength(&["intake", "secret"], "sixteen chars ok").is_some());
+        assert!(secret_strength(&["intake", "secret"], "0123456789abcdef").is_none());
+    }
+
+    proptest! {
+        #[test]
+        fn store_ids_are_exactly_one_to_nine_digits(s in "\\PC{0,12}") {
+            let expected = (1..=9).contains(&s.len()) && s.chars().all(|c| c.is_ascii_digit());
+            prop_assert_eq!(is_store_id(&s), expected);
+        }
+
+        #[test]
+        fn every_u32_below_a_billion_is_a_store_id(n in 0u32..1_000_000_000) {
+            prop_assert!(is_store_id(&n.to_string()));
+        }
+    }
+}

@@ -1,0 +1,121 @@
+//! The daemon: start-up order, readiness, shutdown.
+//!
+//! Start-up: config → logging → store → components → `READY=1`. Then it
+//! waits for SIGTERM or SIGINT, cancels the one shutdown token every task
+//! holds, gives the tasks `shutdown-timeout-seconds` to finish, makes a
+//! final durable commit and returns.
+//!
+//! If the store fails a flush or sync, the daemon stops at once with an
+//! error and without draining: nothing it would still do could be made
+//! durable, and systemd restarts it to recover from what is on disk.
+//!
+//! This module owns the wiring and nothing else: every component's logic
+//! lives in its own module.
+
+use std::path::Path;
+use std::time::Duration;
+
+use tokio::signal::unix::{signal, SignalKind};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use crate::config::{self, ConfigError, LoadedConfig};
+use crate::store::{Store, StoreError, StoreOptions};
+use crate::telemetry::{self, TelemetryError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("{0}")]
+    Config(#[from] ConfigError),
+    #[error("{0}")]
+    Telemetry(#[from] TelemetryError),
+    #[error("{0}")]
+    Store(#[from] StoreError),
+    #[error("cannot start the async runtime: {0}")]
+    Runtime(#[source] std::io::Error),
+    #[error("cannot install the signal handlers: {0}")]
+    Signals(#[source] std::io::Error),
+}
+
+impl DaemonError {
+    /// The process exit code for this error; 78 for anything the
+    /// configuration must fix, so systemd does not restart in a loop.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Self::Config(e) => e.exit_code(),
+            Self::Telemetry(_) => crate::exit::CONFIG,
+            Self::Store(e) => e.exit_code(),
+            Self::Runtime(_) | Self::Signals(_) => crate::exit::SOFTWARE,
+        }
+    }
+}
+
+/// Runs the daemon with the config at `config_path` until it is told to stop.
+pub fn run(config_path: &Path) -> Result<(), DaemonError> {
+    let loaded = config::load(config_path)?;
+    let target = telemetry::init(&loaded.config.logging.level)?;
+    info!(
+        version = env!("CARGO_PKG_VERSION"),
+        config = %loaded.path.display(),
+        log_target = ?target,
+        "smaregi-relay starting"
+    );
+    for warning in &loaded.warnings {
+        warn!(%warning, "configuration warning");
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("smaregi-relay")
+        .build()
+        .map_err(DaemonError::Runtime)?;
+    runtime.block_on(serve(loaded))
+}
+
+async fn serve(loaded: LoadedConfig) -> Result<(), DaemonError> {
+    let config = loaded.config;
+    let mut terminate = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
+    let mut interrupt = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
+
+    let options = StoreOptions::from_config(&config.storage);
+    let store = tokio::task::spawn_blocking(move || Store::open(&options))
+        .await
+        .expect("opening the store does not panic")?;
+    info!(path = %store.directory().display(), "store open");
+
+    let shutdown = CancellationToken::new();
+    let tasks = TaskTracker::new();
+    // Components spawn here with `tasks.spawn(..)` and a `shutdown` clone.
+    tasks.close();
+
+    notify(&[("READY", "1"), ("STATUS", "running")]);
+    info!("ready");
+
+    let signal_name = tokio::select! {
+        _ = terminate.recv() => "SIGTERM",
+        _ = interrupt.recv() => "SIGINT",
+        error = store.failed() => return Err(error.into()),
+    };
+    info!(signal = signal_name, "shutting down");
+    notify(&[("STOPPING", "1"), ("STATUS", "shutting down")]);
+    shutdown.cancel();
+
+    let deadline = Duration::from_secs(config.daemon.shutdown_timeout_seconds);
+    if tokio::time::timeout(deadline, tasks.wait()).await.is_err() {
+        warn!(
+            deadline_seconds = deadline.as_secs(),
+            still_running = tasks.len(),
+            "tasks did not stop before the shutdown deadline; committing and exiting anyway"
+        );
+    }
+    store.close().await?;
+    info!("stopped cleanly");
+    Ok(())
+}
+
+/// Tells systemd about our state; a no-op outside a `Type=notify` unit.
+fn notify(state: &[(&str, &str)]) {
+    if let Err(e) = systemd::daemon::notify(state.iter()) {
+        warn!(error = %e, "sd_notify failed");
+    }
+}

@@ -1,0 +1,25 @@
+//! smaregi-relay: a store appliance daemon between the Smaregi cloud POS and
+//! the store's other systems.
+//!
+//! The promise it keeps: nothing Smaregi sends us, and nothing we owe
+//! Smaregi, is lost or applied twice — across crashes, power cuts, Smaregi
+//! outages and bad files.
+//!
+//! The crate is a library with a thin binary (`src/main.rs`) on top. The
+//! modules follow the architecture's module map:
+//!
+//! | module | owns |
+//! |---|---|
+//! | [`config`] | the TOML configuration: types, named defaults, validation with file/line/column diagnostics, secret resolution |
+//! | [`store`] | the sled database: trees, key encodings, schema version, the group-committed durable commit |
+//! | [`telemetry`] | tracing set-up: journald under systemd, human-readable stderr otherwise |
+//! | [`daemon`] | wiring, start-up order, sd_notify, the shutdown token and drain deadline |
+//! | [`cli`] | the command-line definition shared by the binary (and, later, completions and man page) |
+//! | [`exit`] | the process exit codes that scripts and systemd rely on |
+
+pub mod cli;
+pub mod config;
+pub mod daemon;
+pub mod exit;
+pub mod store;
+pub mod telemetry;

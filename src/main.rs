@@ -1,0 +1,34 @@
+//! The `smaregi-relay` binary: parses the command line, runs the library,
+//! maps the result to an exit code (see `smaregi_relay::exit`).
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use smaregi_relay::cli::{Cli, Command};
+use smaregi_relay::{config, daemon, exit, telemetry};
+
+fn main() -> ExitCode {
+    let code = match Cli::parse().command {
+        Command::Run(args) => match daemon::run(&args.config) {
+            Ok(()) => exit::OK,
+            Err(error) => {
+                telemetry::report_fatal(&error);
+                error.exit_code()
+            }
+        },
+        Command::CheckConfig(args) => match config::load(&args.config) {
+            Ok(loaded) => {
+                for warning in &loaded.warnings {
+                    eprintln!("{warning}");
+                }
+                println!("ok");
+                exit::OK
+            }
+            Err(error) => {
+                eprintln!("{error}");
+                error.exit_code()
+            }
+        },
+    };
+    ExitCode::from(code)
+}

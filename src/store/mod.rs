@@ -1,0 +1,331 @@
+//! The sled database and its durable commit.
+//!
+//! This module owns opening the database (lock, schema version, bounded
+//! cache), the names of its trees, key encodings ([`keys`]) and the durable
+//! commit ([`Store::commit`]). Other modules keep their records in their
+//! own named trees and call [`Store::commit`] before they tell anyone that
+//! something is saved.
+//!
+//! It must never continue on a store that failed to flush or sync: after a
+//! failure every commit returns [`StoreError::CommitFailed`] and
+//! [`Store::failed`] resolves, on which the daemon exits so that systemd
+//! restarts it and recovery starts from what is really on disk.
+//!
+//! Values must stay well under 64 KiB: sled writes larger values to blob
+//! files that its flush does not sync.
+
+mod commit;
+pub mod keys;
+
+use std::fs::{self, File, TryLockError};
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+pub use commit::CommitFailure;
+use commit::{GroupCommitter, Outcome};
+
+use crate::config::StorageConfig;
+
+/// The on-disk layout this build reads and writes. Bump it with a migration.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// The file in the database directory that one process at a time holds locked.
+const LOCK_FILE: &str = "lock";
+/// sled 0.34 keeps its log in this file inside the database directory.
+const SLED_DATA_FILE: &str = "db";
+const SCHEMA_VERSION_KEY: &[u8] = b"schema-version";
+
+/// The name of a sled tree. Each module declares the trees it owns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TreeName(&'static str);
+
+impl TreeName {
+    /// Store-wide facts such as the schema version.
+    const META: TreeName = TreeName("meta");
+
+    pub const fn new(name: &'static str) -> Self {
+        Self(name)
+    }
+
+    pub fn as_str(&self) -> &'static str {
+        self.0
+    }
+}
+
+/// How to open the store.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    /// The database directory; created if missing.
+    pub directory: PathBuf,
+    /// sled's page cache limit.
+    pub cache_capacity_bytes: u64,
+}
+
+impl StoreOptions {
+    pub fn from_config(storage: &StorageConfig) -> Self {
+        Self {
+            directory: storage.database_directory(),
+            cache_capacity_bytes: storage.cache_capacity_mib * 1024 * 1024,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store directory {} is not writable: {source}", path.display())]
+    NotWritable { path: PathBuf, source: io::Error },
+    #[error(
+        "store {} is locked by another process; is another smaregi-relay running?",
+        path.display()
+    )]
+    Locked { path: PathBuf },
+    #[error("cannot open store {}: {source}", path.display())]
+    Open { path: PathBuf, source: sled::Error },
+    #[error(
+        "store {} has schema version {found}, but this build of smaregi-relay reads version \
+         {expected}; install a matching version, or move the directory away to start empty",
+        path.display()
+    )]
+    SchemaMismatch {
+        path: PathBuf,
+        found: u32,
+        expected: u32,
+    },
+    #[error(
+        "{} holds data but is not a smaregi-relay store (no schema version); point \
+         `state-directory` elsewhere",
+        path.display()
+    )]
+    NotAStore { path: PathBuf },
+    #[error("store {} failed: {source}", path.display())]
+    Io { path: PathBuf, source: sled::Error },
+    #[error(
+        "durable commit on store {} failed: {failure}; the store can no longer be trusted and \
+         smaregi-relay must restart",
+        path.display()
+    )]
+    CommitFailed {
+        path: PathBuf,
+        failure: Arc<CommitFailure>,
+    },
+    #[error("store {} is closed", path.display())]
+    Closed { path: PathBuf },
+}
+
+impl StoreError {
+    /// The process exit code for a daemon that stops on this error.
+    pub fn exit_code(&self) -> u8 {
+        use crate::exit;
+        match self {
+            Self::NotWritable { .. } => exit::CANT_CREATE,
+            Self::Locked { .. } => exit::TEMP_FAIL,
+            Self::SchemaMismatch { .. } | Self::NotAStore { .. } => exit::DATA_ERR,
+            Self::Open { .. } | Self::Io { .. } | Self::CommitFailed { .. } => exit::IO_ERROR,
+            Self::Closed { .. } => exit::SOFTWARE,
+        }
+    }
+}
+
+/// The open database. Cheap to clone; all clones share one committer.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    // Field order is drop order: the committer stops before the lock is released.
+    committer: GroupCommitter,
+    db: sled::Db,
+    directory: PathBuf,
+    _lock: File,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("directory", &self.inner.directory)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Store {
+    /// Opens (or creates) the store. Blocking: call it from
+    /// `spawn_blocking` or before the runtime starts.
+    pub fn open(options: &StoreOptions) -> Result<Self, StoreError> {
+        let directory = options.directory.clone();
+        let not_writable = |source| StoreError::NotWritable {
+            path: directory.clone(),
+            source,
+        };
+        fs::create_dir_all(&directory).map_err(not_writable)?;
+        let lock = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(directory.join(LOCK_FILE))
+            .map_err(not_writable)?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(TryLockError::WouldBlock) => {
+                return Err(StoreError::Locked { path: directory });
+            }
+            Err(TryLockError::Error(source)) => return Err(not_writable(source)),
+        }
+
+        let db = sled::Config::new()
+            .path(&directory)
+            .cache_capacity(options.cache_capacity_bytes)
+            // Durability comes only from `commit`; sled's background flusher
+            // would only log its fsync errors.
+            .flush_every_ms(None)
+            .open()
+            .map_err(|source| StoreError::Open {
+                path: directory.clone(),
+                source,
+            })?;
+        let io = |source| StoreError::Io {
+            path: directory.clone(),
+            source,
+        };
+
+        let meta = db.open_tree(TreeName::META.as_str()).map_err(io)?;
+        match meta.get(SCHEMA_VERSION_KEY).map_err(io)? {
+            Some(found) => {
+                let found = <[u8; 4]>::try_from(&*found).map_or(0, u32::from_be_bytes);
+                if found != SCHEMA_VERSION {
+                    return Err(StoreError::SchemaMismatch {
+                        path: directory,
+                        found,
+                        expected: SCHEMA_VERSION,
+                    });
+                }
+            }
+            None => {
+                if holds_data(&db).map_err(io)? {
+                    return Err(StoreError::NotAStore { path: directory });
+                }
+                meta.insert(SCHEMA_VERSION_KEY, &SCHEMA_VERSION.to_be_bytes())
+                    .map_err(io)?;
+            }
+        }
+
+        let data_file = File::open(directory.join(SLED_DATA_FILE)).map_err(not_writable)?;
+        // Make the first durable commit here, including the directory
+        // entries of files sled may just have created.
+        db.flush().map_err(io)?;
+        data_file.sync_data().map_err(not_writable)?;
+        sync_directory(&directory).map_err(not_writable)?;
+        if let Some(parent) = directory.parent() {
+            sync_directory(parent).map_err(not_writable)?;
+        }
+
+        let committer = GroupCommitter::start(db.clone(), data_file).map_err(not_writable)?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                committer,
+                db,
+                directory,
+                _lock: lock,
+            }),
+        })
+    }
+
+    /// The database directory.
+    pub fn directory(&self) -> &Path {
+        &self.inner.directory
+    }
+
+    /// Opens a named tree, for records and for multi-tree transactions.
+    pub fn tree(&self, name: TreeName) -> Result<sled::Tree, StoreError> {
+        self.inner
+            .db
+            .open_tree(name.as_str())
+            .map_err(|source| self.io_error(source))
+    }
+
+    /// A unique, increasing id; unique across restarts (with gaps).
+    pub fn generate_id(&self) -> Result<u64, StoreError> {
+        self.inner
+            .db
+            .generate_id()
+            .map_err(|source| self.io_error(source))
+    }
+
+    /// Makes every write this caller has made durable.
+    ///
+    /// Returns once a flush and `fdatasync` that started after this call
+    /// have completed; concurrent callers share one. An error means nothing
+    /// can be promised about these writes, and the store has failed for good.
+    pub async fn commit(&self) -> Result<(), StoreError> {
+        match self.inner.committer.commit().await {
+            Outcome::Committed => Ok(()),
+            Outcome::Failed(failure) => Err(StoreError::CommitFailed {
+                path: self.inner.directory.clone(),
+                failure,
+            }),
+            Outcome::Closed => Err(StoreError::Closed {
+                path: self.inner.directory.clone(),
+            }),
+        }
+    }
+
+    /// Resolves when the store has failed a flush or sync; pending otherwise.
+    pub async fn failed(&self) -> StoreError {
+        let failure = self.inner.committer.failed().await;
+        StoreError::CommitFailed {
+            path: self.inner.directory.clone(),
+            failure,
+        }
+    }
+
+    /// How many flush + fdatasync rounds commits have cost so far.
+    pub fn sync_count(&self) -> u64 {
+        self.inner.committer.sync_count()
+    }
+
+    /// Makes everything durable and stops the committer.
+    ///
+    /// Commits made through other clones after this returns fail with
+    /// [`StoreError::Closed`]; the database itself closes with the last clone.
+    pub async fn close(&self) -> Result<(), StoreError> {
+        let result = self.commit().await;
+        self.inner.committer.stop();
+        if let Some(failure) = self.inner.committer.failure() {
+            return Err(StoreError::CommitFailed {
+                path: self.inner.directory.clone(),
+                failure,
+            });
+        }
+        result
+    }
+
+    fn io_error(&self, source: sled::Error) -> StoreError {
+        StoreError::Io {
+            path: self.inner.directory.clone(),
+            source,
+        }
+    }
+}
+
+/// Whether a database without a schema version already holds records.
+fn holds_data(db: &sled::Db) -> sled::Result<bool> {
+    let meta = TreeName::META.as_str().as_bytes();
+    if !db.is_empty() {
+        return Ok(true);
+    }
+    for name in db.tree_names() {
+        if &*name == meta || name == b"__sled__default" {
+            continue;
+        }
+        if !db.open_tree(&name)?.is_empty() {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// Makes a directory's entries (new files, renames) durable.
+fn sync_directory(path: &Path) -> io::Result<()> {
+    File::open(path)?.sync_all()
+}
