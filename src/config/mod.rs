@@ -287,10 +287,11 @@ impl Default for AdminConfig {
 impl Config {
     /// The drop folder for mapping CSVs.
     pub fn drop_directory(&self) -> PathBuf {
-        self.mapping
-            .drop_directory
-            .clone()
-            .unwrap_or_else(|| self.storage.state_directory.join(defaults::DROP_SUBDIRECTORY))
+        self.mapping.drop_directory.clone().unwrap_or_else(|| {
+            self.storage
+                .state_directory
+                .join(defaults::DROP_SUBDIRECTORY)
+        })
     }
 
     fn resolve_relative_paths(&mut self, base: &Path) {
@@ -382,7 +383,11 @@ fn config_directory(path: &Path) -> PathBuf {
 }
 
 /// Parses and checks config text; `path` names it in diagnostics.
-pub fn parse(path: &Path, text: &str, env: &SecretEnvironment) -> Result<LoadedConfig, ConfigError> {
+pub fn parse(
+    path: &Path,
+    text: &str,
+    env: &SecretEnvironment,
+) -> Result<LoadedConfig, ConfigError> {
     parse_checked(path, text, env).map(|parsed| parsed.loaded)
 }
 

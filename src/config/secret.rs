@@ -61,9 +61,7 @@ impl<'de> Deserialize<'de> for SecretSource {
             type Value = SecretSource;
 
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(
-                    "a secret: a string, { file = \"PATH\" } or { credential = \"NAME\" }",
-                )
+                f.write_str("a secret: a string, { file = \"PATH\" } or { credential = \"NAME\" }")
             }
 
             fn visit_str<E: de::Error>(self, value: &str) -> Result<SecretSource, E> {
@@ -141,6 +139,7 @@ impl SecretEnvironment {
 }
 
 /// The outcome of resolving one secret that did not fail.
+#[derive(Debug)]
 pub(crate) struct Resolved {
     /// The secret is written inline in the config file.
     pub inline: bool,
@@ -206,7 +205,10 @@ fn read_secret_file(path: &Path) -> Result<(String, Option<String>), String> {
     let file = fs::File::open(path).map_err(describe)?;
     let metadata = file.metadata().map_err(describe)?;
     if !metadata.is_file() {
-        return Err(format!("secret file {} is not a regular file", path.display()));
+        return Err(format!(
+            "secret file {} is not a regular file",
+            path.display()
+        ));
     }
     if metadata.len() > MAX_SECRET_BYTES {
         return Err(format!(
@@ -274,7 +276,9 @@ mod tests {
 
     #[test]
     fn malformed_forms_are_refused_with_a_reason() {
-        assert!(parse("secret = { path = \"x\" }").unwrap_err().contains("unknown field `path`"));
+        assert!(parse("secret = { path = \"x\" }")
+            .unwrap_err()
+            .contains("unknown field `path`"));
         assert!(parse("secret = { file = \"x\", credential = \"y\" }")
             .unwrap_err()
             .contains("exactly one"));

@@ -263,9 +263,12 @@ fn check_endpoint(endpoint: &str) -> Result<(), String> {
         let authority = rest.split('/').next().unwrap_or_default();
         let host = match authority.strip_prefix('[') {
             Some(bracketed) => bracketed.split(']').next().unwrap_or_default(),
-            None => authority.rsplit_once(':').map_or(authority, |(host, _)| host),
+            None => authority
+                .rsplit_once(':')
+                .map_or(authority, |(host, _)| host),
         };
-        let loopback = host == "localhost" || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback());
+        let loopback =
+            host == "localhost" || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback());
         return if loopback {
             Ok(())
         } else {

@@ -75,12 +75,10 @@ impl GroupCommitter {
             stop: AtomicBool::new(false),
             state,
         });
-        let handle = thread::Builder::new()
-            .name("store-commit".into())
-            .spawn({
-                let shared = Arc::clone(&shared);
-                move || commit_loop(&shared, &db, &data_file)
-            })?;
+        let handle = thread::Builder::new().name("store-commit".into()).spawn({
+            let shared = Arc::clone(&shared);
+            move || commit_loop(&shared, &db, &data_file)
+        })?;
         Ok(Self {
             shared,
             committer: handle.thread().clone(),

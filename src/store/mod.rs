@@ -21,6 +21,7 @@ use std::fs::{self, File, TryLockError};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 pub use commit::CommitFailure;
 use commit::{GroupCommitter, Outcome};
@@ -173,17 +174,15 @@ impl Store {
             Err(TryLockError::Error(source)) => return Err(not_writable(source)),
         }
 
-        let db = sled::Config::new()
-            .path(&directory)
-            .cache_capacity(options.cache_capacity_bytes)
-            // Durability comes only from `commit`; sled's background flusher
-            // would only log its fsync errors.
-            .flush_every_ms(None)
-            .open()
-            .map_err(|source| StoreError::Open {
+        let db = open_sled(options).map_err(|source| match source {
+            SledOpenError::Locked => StoreError::Locked {
+                path: directory.clone(),
+            },
+            SledOpenError::Other(source) => StoreError::Open {
                 path: directory.clone(),
                 source,
-            })?;
+            },
+        })?;
         let io = |source| StoreError::Io {
             path: directory.clone(),
             source,
@@ -306,6 +305,51 @@ impl Store {
             source,
         }
     }
+}
+
+enum SledOpenError {
+    Locked,
+    Other(sled::Error),
+}
+
+/// How long to wait for sled's own file lock while we hold ours.
+const SLED_LOCK_PATIENCE: Duration = Duration::from_secs(2);
+
+/// Opens sled in `options.directory`, whose lock file we hold.
+///
+/// Holding our lock, we are the only smaregi-relay store there; sled's own
+/// lock can then only be held by the closures sled 0.34's global
+/// threadpool runs for an earlier `Db` of this process (log writes, file
+/// truncation), which keep the file open for a moment after the last
+/// handle is dropped. So a busy sled lock is retried for a short while.
+fn open_sled(options: &StoreOptions) -> Result<sled::Db, SledOpenError> {
+    let started = Instant::now();
+    let mut pause = Duration::from_millis(1);
+    loop {
+        let opened = sled::Config::new()
+            .path(&options.directory)
+            .cache_capacity(options.cache_capacity_bytes)
+            // Durability comes only from `commit`; sled's background flusher
+            // would only log its fsync errors.
+            .flush_every_ms(None)
+            .open();
+        match opened {
+            Ok(db) => return Ok(db),
+            Err(error) if is_sled_lock_busy(&error) => {
+                if started.elapsed() >= SLED_LOCK_PATIENCE {
+                    return Err(SledOpenError::Locked);
+                }
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_millis(50));
+            }
+            Err(error) => return Err(SledOpenError::Other(error)),
+        }
+    }
+}
+
+/// sled 0.34.7 (pinned) reports a busy lock only as this I/O error text.
+fn is_sled_lock_busy(error: &sled::Error) -> bool {
+    matches!(error, sled::Error::Io(e) if e.to_string().contains("could not acquire lock"))
 }
 
 /// Whether a database without a schema version already holds records.

@@ -1,0 +1,200 @@
+//! Helpers shared by the integration tests: config files in temp dirs, the
+//! real `smaregi-relay` binary, and a real sd_notify socket to await its
+//! readiness on.
+#![allow(dead_code)] // each test crate uses a different subset
+
+use std::fs;
+use std::io;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// A valid intake secret (≥ 16 characters).
+pub const INTAKE_SECRET: &str = "test-intake-secret-0123456789";
+
+/// How long a test waits for an event that normally takes milliseconds.
+pub const EVENT_DEADLINE: Duration = Duration::from_secs(30);
+
+pub fn relay_binary() -> &'static str {
+    env!("CARGO_BIN_EXE_smaregi-relay")
+}
+
+/// Writes `name` in `dir` with `mode`, returning its path.
+pub fn write_file(dir: &Path, name: &str, contents: &str, mode: u32) -> PathBuf {
+    let path = dir.join(name);
+    fs::write(&path, contents).unwrap();
+    fs::set_permissions(&path, fs::Permissions::from_mode(mode)).unwrap();
+    path
+}
+
+/// Writes `config.toml` in `dir`: state under `dir/state`, the intake
+/// secret in a 0600 file, then `extra` appended.
+pub fn write_config(dir: &Path, extra: &str) -> PathBuf {
+    write_file(dir, "intake-secret", &format!("{INTAKE_SECRET}\n"), 0o600);
+    let text = format!(
+        "[storage]\nstate-directory = \"state\"\n\n[intake]\nsecret = {{ file = \"intake-secret\" }}\n\n{extra}"
+    );
+    write_file(dir, "config.toml", &text, 0o640)
+}
+
+/// A datagram socket in the role of systemd's `NOTIFY_SOCKET`.
+pub struct NotifySocket {
+    socket: UnixDatagram,
+    pub path: PathBuf,
+}
+
+impl NotifySocket {
+    pub fn bind(dir: &Path) -> Self {
+        let path = dir.join("notify.sock");
+        let socket = UnixDatagram::bind(&path).unwrap();
+        Self { socket, path }
+    }
+
+    /// The notifications already queued, without waiting: after the sender
+    /// has exited, everything it ever sent.
+    pub fn received(&self) -> Vec<String> {
+        self.socket.set_nonblocking(true).unwrap();
+        let mut messages = Vec::new();
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = self.socket.recv(&mut buf) {
+            messages.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+        self.socket.set_nonblocking(false).unwrap();
+        messages
+    }
+
+    /// Waits for a notification containing `needle` (e.g. `READY=1`) and returns it.
+    pub fn wait_for(&self, needle: &str) -> Result<String, String> {
+        let deadline = Instant::now() + EVENT_DEADLINE;
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(format!(
+                    "no `{needle}` within {EVENT_DEADLINE:?}; saw {seen:?}"
+                ));
+            }
+            self.socket.set_read_timeout(Some(left)).unwrap();
+            match self.socket.recv(&mut buf) {
+                Ok(n) => {
+                    let message = String::from_utf8_lossy(&buf[..n]).into_owned();
+                    if message.lines().any(|line| line == needle) {
+                        return Ok(message);
+                    }
+                    seen.push(message);
+                }
+                Err(e)
+                    if e.kind() == io::ErrorKind::WouldBlock
+                        || e.kind() == io::ErrorKind::TimedOut => {}
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    }
+}
+
+/// The real daemon, started with `run --config`.
+pub struct Daemon {
+    pub child: Child,
+    pub notify: NotifySocket,
+    stderr: PathBuf,
+}
+
+impl Daemon {
+    pub fn start(dir: &Path, config: &Path) -> Self {
+        let notify = NotifySocket::bind(dir);
+        let stderr = dir.join("daemon.stderr");
+        let child = Command::new(relay_binary())
+            .args(["run", "--config"])
+            .arg(config)
+            .env("NOTIFY_SOCKET", &notify.path)
+            .env_remove("JOURNAL_STREAM")
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&stderr).unwrap())
+            .spawn()
+            .unwrap();
+        Self {
+            child,
+            notify,
+            stderr,
+        }
+    }
+
+    pub fn stderr(&self) -> String {
+        fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    pub fn signal(&self, signal: libc::c_int) {
+        let pid = self.child.id() as libc::pid_t;
+        assert_eq!(
+            unsafe { libc::kill(pid, signal) },
+            0,
+            "kill({pid}, {signal})"
+        );
+    }
+
+    /// Waits for the process to exit, failing the test after the deadline.
+    pub fn wait(&mut self) -> ExitStatus {
+        wait_with_deadline(&mut self.child)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Waits for `child` to exit; kills it and fails the test after the deadline.
+pub fn wait_with_deadline(child: &mut Child) -> ExitStatus {
+    let pid = child.id() as libc::pid_t;
+    let (exited, exit) = mpsc::channel();
+    std::thread::scope(|scope| {
+        scope.spawn(move || {
+            let _ = exited.send(child.wait());
+        });
+        match exit.recv_timeout(EVENT_DEADLINE) {
+            Ok(status) => status.unwrap(),
+            Err(_) => {
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+                panic!("process {pid} did not exit within {EVENT_DEADLINE:?}");
+            }
+        }
+    })
+}
+
+/// Runs the binary to completion with `args`; returns (exit code, stdout, stderr).
+pub fn run_relay(args: &[&str], envs: &[(&str, &Path)]) -> (i32, String, String) {
+    let mut command = Command::new(relay_binary());
+    command
+        .args(args)
+        .env_remove("CREDENTIALS_DIRECTORY")
+        .env_remove("JOURNAL_STREAM");
+    for (key, value) in envs {
+        command.env(key, value);
+    }
+    let output = command.output().unwrap();
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// Opens a sled database directly, as a foreign or older program would.
+///
+/// Without sled's background flusher: its thread can outlive the dropped
+/// `Db` and keep the file lock for a moment, failing the next open.
+pub fn open_raw_sled(path: &Path) -> sled::Db {
+    sled::Config::new()
+        .path(path)
+        .flush_every_ms(None)
+        .open()
+        .unwrap()
+}
