@@ -138,47 +138,46 @@ fn paired_rounds(
         .collect()
 }
 
-fn median(mut values: Vec<f64>) -> f64 {
+/// Minimum, median and maximum.
+fn spread(mut values: Vec<f64>) -> (f64, f64, f64) {
     values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
+    (
+        values[0],
+        values[values.len() / 2],
+        values[values.len() - 1],
+    )
 }
 
 fn print_targets(rounds: &[PairedRound], syncs: u64) {
-    let fdatasync = median(rounds.iter().map(|r| r.fdatasync).collect());
-    let single = median(rounds.iter().map(|r| r.single_commit).collect());
-    let at_64 = median(rounds.iter().map(|r| r.commit_at_64).collect());
-    // Per round, so both sides of each ratio share the disk's state.
-    let speedup = median(
-        rounds
-            .iter()
-            .map(|r| r.single_commit / r.commit_at_64)
-            .collect(),
-    );
-    let latency_ratio = median(
-        rounds
-            .iter()
-            .map(|r| r.single_commit / r.fdatasync)
-            .collect(),
-    );
-    println!("\nstore_commit targets: medians of {PAIRED_ROUNDS} interleaved rounds");
-    println!("  plain append + fdatasync   {:>9.1} µs", fdatasync / 1e3);
+    let per_round = |f: fn(&PairedRound) -> f64| spread(rounds.iter().map(f).collect());
+    let (fd_min, fd_median, fd_max) = per_round(|r| r.fdatasync);
+    let (one_min, one_median, one_max) = per_round(|r| r.single_commit);
+    let (many_min, many_median, many_max) = per_round(|r| r.commit_at_64);
+    // Ratios per round, so both sides of each share the disk's state.
+    let (speedup_min, speedup, speedup_max) = per_round(|r| r.single_commit / r.commit_at_64);
+    let (latency_min, latency, latency_max) = per_round(|r| r.single_commit / r.fdatasync);
+    println!("\nstore_commit targets: {PAIRED_ROUNDS} interleaved rounds, min / median / max");
     println!(
-        "  1 committer                {:>9.1} µs per commit = {:>7.0} commits/s",
-        single / 1e3,
-        1e9 / single
+        "  plain append + fdatasync  {:>6.1} / {:>6.1} / {:>6.1} µs",
+        fd_min / 1e3,
+        fd_median / 1e3,
+        fd_max / 1e3
     );
     println!(
-        "  64 committers              {:>9.1} µs per commit = {:>7.0} commits/s",
-        at_64 / 1e3,
-        1e9 / at_64
+        "  1 committer               {:>6.1} / {:>6.1} / {:>6.1} µs per commit ({:.0} commits/s at the median)",
+        one_min / 1e3, one_median / 1e3, one_max / 1e3, 1e9 / one_median
     );
     println!(
-        "  group commit: 64 committers = {speedup:.1}× the commits/s of one (target ≥ 10×): {}",
+        "  64 committers             {:>6.1} / {:>6.1} / {:>6.1} µs per commit ({:.0} commits/s at the median)",
+        many_min / 1e3, many_median / 1e3, many_max / 1e3, 1e9 / many_median
+    );
+    println!(
+        "  group commit: 64 committers = {speedup_min:.1} / {speedup:.1} / {speedup_max:.1}× the commits/s of one (target ≥ 10×): {}",
         verdict(speedup >= 10.0)
     );
     println!(
-        "  one commit = {latency_ratio:.2}× a plain fdatasync (target ≤ 1.5×): {}",
-        verdict(latency_ratio <= 1.5)
+        "  one commit = {latency_min:.2} / {latency:.2} / {latency_max:.2}× a plain fdatasync (target ≤ 1.5×): {}",
+        verdict(latency <= 1.5)
     );
     println!("  flush + fdatasync rounds in the whole run: {syncs}");
 }

@@ -69,7 +69,14 @@ pub fn run(config_path: &Path) -> Result<(), DaemonError> {
         .thread_name("smaregi-relay")
         .build()
         .map_err(DaemonError::Runtime)?;
-    runtime.block_on(serve(loaded))
+    let result = runtime.block_on(serve(loaded));
+    if let Err(DaemonError::Store(StoreError::CommitFailed { .. })) = &result {
+        // Tasks still hold store handles; dropping the runtime would let
+        // sled's destructors write and fsync again (and unwrap the result)
+        // on a store that already failed. The process is about to exit.
+        std::mem::forget(runtime);
+    }
+    result
 }
 
 async fn serve(loaded: LoadedConfig) -> Result<(), DaemonError> {
@@ -91,10 +98,18 @@ async fn serve(loaded: LoadedConfig) -> Result<(), DaemonError> {
     notify(&[("READY", "1"), ("STATUS", "running")]);
     info!("ready");
 
-    let signal_name = tokio::select! {
-        _ = terminate.recv() => "SIGTERM",
-        _ = interrupt.recv() => "SIGINT",
-        error = store.failed() => return Err(error.into()),
+    let stop = tokio::select! {
+        _ = terminate.recv() => Ok("SIGTERM"),
+        _ = interrupt.recv() => Ok("SIGINT"),
+        error = store.failed() => Err(error),
+    };
+    let signal_name = match stop {
+        Ok(signal_name) => signal_name,
+        Err(error) => {
+            // See `run`: sled's destructors must not run on a failed store.
+            std::mem::forget(store);
+            return Err(error.into());
+        }
     };
     info!(signal = signal_name, "shutting down");
     notify(&[("STOPPING", "1"), ("STATUS", "shutting down")]);

@@ -62,6 +62,8 @@ fn every_documented_key_of_the_example_is_accepted_when_uncommented() {
     let uncommented: String = EXAMPLE
         .lines()
         .map(|line| match line.strip_prefix("# ") {
+            // The certificate paths name files on the operator's machine.
+            Some(rest) if rest.starts_with("tls-") => line,
             Some(rest) if is_key_line(rest) || (rest.starts_with('[') && rest.ends_with(']')) => {
                 rest
             }
@@ -166,15 +168,46 @@ workers = \"many\"
         .collect();
     assert_eq!(
         locations,
-        ["2:19", "4:2", "7:10", "8:15", "11:10", "14:11"],
+        ["2:19", "2:19", "4:2", "7:10", "8:15", "11:10", "14:11"],
         "{errors:#?}"
     );
     assert!(errors[0].contains("`tls-private-key` is not"));
-    assert!(errors[1].contains("unknown section `bogus`"));
-    assert!(errors[2].contains("use at least 16"));
-    assert!(errors[3].contains("not a URL path"));
-    assert!(errors[4].contains("`abc` is not a store id"));
-    assert!(errors[5].contains("invalid type"));
+    assert!(errors[1].contains("cert.pem") && errors[1].contains("No such file"));
+    assert!(errors[2].contains("unknown section `bogus`"));
+    assert!(errors[3].contains("use at least 16"));
+    assert!(errors[4].contains("not a URL path"));
+    assert!(errors[5].contains("`abc` is not a store id"));
+    assert!(errors[6].contains("invalid type"));
+}
+
+#[test]
+fn tls_files_must_exist_and_a_readable_private_key_is_warned_about() {
+    let temp = tempfile::tempdir().unwrap();
+    let tls = "[listener]\ntls-certificate = \"cert.pem\"\ntls-private-key = \"key.pem\"\n";
+    let path = write_config(temp.path(), tls);
+    let errors = errors_of(config::load(&path));
+    assert_eq!(errors.len(), 2, "{errors:?}");
+    assert!(
+        errors[0].contains("cert.pem") && errors[1].contains("key.pem"),
+        "{errors:?}"
+    );
+
+    write_file(temp.path(), "cert.pem", "certificate", 0o644);
+    write_file(temp.path(), "key.pem", "private key", 0o644);
+    let warnings = config::load(&path).unwrap().warnings;
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(
+        warnings[0].message.contains("key.pem holds a private key"),
+        "{warnings:?}"
+    );
+
+    write_file(temp.path(), "key.pem", "private key", 0o640);
+    let loaded = config::load(&path).unwrap();
+    assert!(loaded.warnings.is_empty());
+    assert_eq!(
+        loaded.config.listener.tls_private_key,
+        Some(temp.path().join("key.pem"))
+    );
 }
 
 #[test]

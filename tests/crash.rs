@@ -10,7 +10,7 @@
 //! opt-in: `cargo test --release --test crash -- --ignored`.
 
 use std::io::{BufRead, BufReader};
-use std::os::unix::process::CommandExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
@@ -61,15 +61,17 @@ fn payload(id: u64, len: usize) -> Vec<u8> {
     id.to_le_bytes().iter().copied().cycle().take(len).collect()
 }
 
-/// The child: commits records from several tasks until it dies. Exits with
-/// the store error's exit code on the first failure, like the daemon.
+/// The child: commits records from several tasks until it dies. On the
+/// first store error it does what the daemon does: waits for the store to
+/// report itself failed, checks that no commit succeeds any more, and exits
+/// with the failure's exit code.
 fn commit_until_killed(directory: PathBuf, payload_len: usize) -> ! {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .unwrap();
-    let code = runtime.block_on(async move {
+    let failure = runtime.block_on(async move {
         let store = match Store::open(&options(&directory)) {
             Ok(store) => store,
             Err(e) => return e,
@@ -82,24 +84,26 @@ fn commit_until_killed(directory: PathBuf, payload_len: usize) -> ! {
                 let records = store.tree(RECORDS)?;
                 loop {
                     let id = store.generate_id()?;
-                    records
-                        .insert(u64_key(id), payload(id, payload_len))
-                        .map_err(|source| StoreError::Io {
-                            path: store.directory().to_path_buf(),
-                            source,
-                        })?;
+                    store.check(records.insert(u64_key(id), payload(id, payload_len)))?;
                     store.commit().await?;
                     println!("{id}");
                 }
             });
         }
         match committers.join_next().await {
-            Some(Ok(Err(e))) => e,
+            Some(Ok(Err(_))) => {}
             other => panic!("committer ended without a store error: {other:?}"),
         }
+        let failure = tokio::time::timeout(common::EVENT_DEADLINE, store.failed())
+            .await
+            .expect("the store reports itself failed after an I/O error");
+        if store.commit().await.is_ok() {
+            panic!("a commit succeeded after the store failed");
+        }
+        failure
     });
-    eprintln!("smaregi-relay: {code}");
-    std::process::exit(code.exit_code().into())
+    eprintln!("smaregi-relay: {failure}");
+    std::process::exit(failure.exit_code().into())
 }
 
 fn spawn_child(directory: &Path, payload_len: usize, file_size_limit: Option<u64>) -> Child {
@@ -183,7 +187,13 @@ fn sigkill_cycles(cycles: usize) -> Result<(), Failed> {
             );
         }
         child.kill().unwrap();
-        common::wait_with_deadline(&mut child);
+        let status = common::wait_with_deadline(&mut child);
+        if status.signal() != Some(libc::SIGKILL) {
+            let stderr = std::io::read_to_string(child.stderr.take().unwrap()).unwrap();
+            return Err(
+                format!("cycle {cycle}: the child ended by itself ({status}): {stderr}").into(),
+            );
+        }
         acknowledged.extend(before_kill);
         acknowledged.extend(read_ids(&mut lines, None));
         verify(&directory, &acknowledged, PAYLOAD).map_err(|e| format!("cycle {cycle}: {e}"))?;
@@ -219,6 +229,9 @@ fn io_failure_is_fatal() -> Result<(), Failed> {
             "expected exit code 74 after the write failure, got {status}: {stderr}"
         )
         .into());
+    }
+    if !stderr.contains("durable commit on store") {
+        return Err(format!("the store did not report a failed durable commit: {stderr}").into());
     }
     if !stderr.contains(&directory.display().to_string()) {
         return Err(format!("the error does not name the store path: {stderr}").into());

@@ -43,6 +43,34 @@ fn reports_ready_then_stops_cleanly_on_sigterm() {
     Store::open(&store_options(&temp.path().join("state"))).unwrap();
 }
 
+/// Runs the daemon until ready, stops it, and returns its stderr.
+fn stderr_of_a_run(extra_config: &str, envs: &[(&str, &str)]) -> String {
+    let temp = tempfile::tempdir().unwrap();
+    let config = write_config(temp.path(), extra_config);
+    let mut daemon = Daemon::start_with_env(temp.path(), &config, envs);
+    daemon.notify.wait_for("READY=1").unwrap();
+    daemon.signal(libc::SIGTERM);
+    assert_eq!(daemon.wait().code(), Some(0), "{}", daemon.stderr());
+    daemon.stderr()
+}
+
+#[test]
+fn the_log_level_comes_from_the_config_and_rust_log_overrides_it() {
+    let quiet = "[logging]\nlevel = \"warn\"\n";
+    let at_info = stderr_of_a_run("", &[]);
+    assert!(
+        at_info.contains("INFO") && at_info.contains("ready"),
+        "{at_info}"
+    );
+    assert!(!at_info.contains("DEBUG"), "{at_info}");
+
+    let at_warn = stderr_of_a_run(quiet, &[]);
+    assert!(!at_warn.contains("INFO"), "{at_warn}");
+
+    let overridden = stderr_of_a_run(quiet, &[("RUST_LOG", "smaregi_relay=debug")]);
+    assert!(overridden.contains("ready"), "{overridden}");
+}
+
 #[test]
 fn sigint_stops_it_too() {
     let temp = tempfile::tempdir().unwrap();
@@ -120,7 +148,6 @@ fn a_store_of_another_schema_is_refused() {
     let temp = tempfile::tempdir().unwrap();
     let config = write_config(temp.path(), "");
     let database = temp.path().join("state/db");
-    drop(Store::open(&store_options(&temp.path().join("state"))).unwrap());
     {
         let db = common::open_raw_sled(&database);
         db.open_tree("meta")

@@ -21,7 +21,8 @@ fn options(directory: &Path) -> StoreOptions {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_committers_share_syncs_and_all_become_durable() {
     const COMMITTERS: u64 = 64;
-    let temp = tempfile::tempdir().unwrap();
+    // On disk: on a tmpfs /tmp a sync costs nothing and rounds need not be shared.
+    let temp = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let store = Store::open(&options(temp.path())).unwrap();
     let syncs_before = store.sync_count();
     let all_written = Arc::new(Barrier::new(COMMITTERS as usize));
@@ -80,7 +81,6 @@ async fn the_lock_is_released_when_the_store_is_dropped() {
 #[tokio::test]
 async fn another_schema_version_is_refused_naming_both_versions() {
     let temp = tempfile::tempdir().unwrap();
-    drop(Store::open(&options(temp.path())).unwrap());
     {
         let db = common::open_raw_sled(temp.path());
         let meta = db.open_tree("meta").unwrap();
@@ -91,12 +91,8 @@ async fn another_schema_version_is_refused_naming_both_versions() {
     let message = error.to_string();
     assert!(
         matches!(
-            error,
-            StoreError::SchemaMismatch {
-                found: 99,
-                expected: SCHEMA_VERSION,
-                ..
-            }
+            &error,
+            StoreError::SchemaMismatch { found, expected: SCHEMA_VERSION, .. } if found == "99"
         ),
         "{message}"
     );

@@ -55,6 +55,7 @@ pub mod defaults {
     pub const WEBHOOK_PATH: &str = "/smaregi/webhook";
     pub const SECRET_PARAMETER: &str = "relay_secret";
     pub const SMAREGI_ENDPOINT: &str = "https://webapi.smaregi.jp/access/";
+    pub const MAPPING_FALLBACK: super::MappingFallback = super::MappingFallback::Identity;
     pub const OUTBOX_WORKERS: u16 = 4;
     pub const OUTBOX_MAX_AGE_HOURS: u64 = 72;
     /// Loopback only: metrics and the staff status page.
@@ -233,7 +234,7 @@ impl Default for MappingConfig {
     fn default() -> Self {
         Self {
             drop_directory: None,
-            fallback: MappingFallback::Identity,
+            fallback: defaults::MAPPING_FALLBACK,
         }
     }
 }
@@ -476,9 +477,22 @@ trait Section: DeserializeOwned + Validate {
     fn secrets_mut(&mut self) -> Vec<(&'static [&'static str], &mut Secret)> {
         Vec::new()
     }
+
+    /// Files the section names that must exist now, with whether they hold a secret.
+    fn files(&self) -> Vec<(&'static [&'static str], &Path, bool)> {
+        Vec::new()
+    }
 }
 
-impl Section for ListenerConfig {}
+impl Section for ListenerConfig {
+    fn files(&self) -> Vec<(&'static [&'static str], &Path, bool)> {
+        let certificate = (self.tls_certificate.as_deref())
+            .map(|path| (&["listener", "tls-certificate"][..], path, false));
+        let private_key = (self.tls_private_key.as_deref())
+            .map(|path| (&["listener", "tls-private-key"][..], path, true));
+        certificate.into_iter().chain(private_key).collect()
+    }
+}
 impl Section for StorageConfig {}
 impl Section for LoggingConfig {}
 impl Section for DaemonConfig {}
@@ -531,6 +545,28 @@ impl SectionChecker<'_> {
         section.validate(&mut problems);
         for problem in problems {
             self.error(span_of(self.root, problem.key), problem.message);
+        }
+        for (key, path, holds_secret) in section.files() {
+            let span = span_of(self.root, key);
+            let path = self.env.config_directory.join(path);
+            match fs::metadata(&path) {
+                Ok(metadata) if metadata.is_file() => {
+                    if holds_secret && secret::readable_by_others(&metadata) {
+                        self.warnings.push(self.source.diagnostic(
+                            Severity::Warning,
+                            span,
+                            format!(
+                                "{} holds a private key and is readable by every user; restrict \
+                                 it with `chmod o-rwx {}`",
+                                path.display(),
+                                path.display()
+                            ),
+                        ));
+                    }
+                }
+                Ok(_) => self.error(span, format!("{} is not a regular file", path.display())),
+                Err(e) => self.error(span, format!("cannot read {}: {e}", path.display())),
+            }
         }
         for (key, secret) in section.secrets_mut() {
             match secret.resolve(self.env) {

@@ -18,6 +18,7 @@ use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
+use secrecy::zeroize::Zeroizing;
 use secrecy::{ExposeSecret, SecretString};
 use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
@@ -168,7 +169,7 @@ impl Secret {
     /// Reads the secret's value. On failure, says why in one sentence.
     pub(crate) fn resolve(&mut self, env: &SecretEnvironment) -> Result<Resolved, String> {
         let (value, inline, warning) = match self.source.get_ref() {
-            SecretSource::Inline(value) => (value.expose_secret().to_owned(), true, None),
+            SecretSource::Inline(value) => (SecretString::from(value.expose_secret()), true, None),
             SecretSource::File(path) => {
                 let path = env.config_directory.join(path);
                 let (value, warning) = read_secret_file(&path)?;
@@ -190,17 +191,17 @@ impl Secret {
                 (value, false, None)
             }
         };
-        if value.is_empty() {
+        if value.expose_secret().is_empty() {
             return Err("the secret is empty".to_owned());
         }
-        self.value = Some(value.into());
+        self.value = Some(value);
         Ok(Resolved { inline, warning })
     }
 }
 
 /// Reads a secret file: the whole file less one trailing line break, as
-/// `echo secret > file` leaves one.
-fn read_secret_file(path: &Path) -> Result<(String, Option<String>), String> {
+/// `echo secret > file` leaves one. No copy of the value is left unzeroed.
+fn read_secret_file(path: &Path) -> Result<(SecretString, Option<String>), String> {
     let describe = |e: std::io::Error| format!("cannot read secret file {}: {e}", path.display());
     let file = fs::File::open(path).map_err(describe)?;
     let metadata = file.metadata().map_err(describe)?;
@@ -217,18 +218,16 @@ fn read_secret_file(path: &Path) -> Result<(String, Option<String>), String> {
             metadata.len()
         ));
     }
-    let mut bytes = Vec::new();
-    file.take(MAX_SECRET_BYTES + 1)
+    // Sized up front so that reading never reallocates (and frees) a copy.
+    let mut bytes = Zeroizing::new(Vec::with_capacity(MAX_SECRET_BYTES as usize + 1));
+    file.take(MAX_SECRET_BYTES)
         .read_to_end(&mut bytes)
         .map_err(describe)?;
-    let mut value = String::from_utf8(bytes)
+    let text = std::str::from_utf8(&bytes)
         .map_err(|_| format!("secret file {} is not valid UTF-8", path.display()))?;
-    if value.ends_with('\n') {
-        value.pop();
-        if value.ends_with('\r') {
-            value.pop();
-        }
-    }
+    let value = text
+        .strip_suffix('\n')
+        .map_or(text, |line| line.strip_suffix('\r').unwrap_or(line));
     let warning = readable_by_others(&metadata).then(|| {
         format!(
             "secret file {} is readable by every user; restrict it with `chmod o-rwx {}`",
@@ -236,7 +235,7 @@ fn read_secret_file(path: &Path) -> Result<(String, Option<String>), String> {
             path.display()
         )
     });
-    Ok((value, warning))
+    Ok((SecretString::from(value), warning))
 }
 
 /// Whether users other than the owner and group may read a file.

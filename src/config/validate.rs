@@ -13,7 +13,8 @@ use super::{
 /// Shorter shared secrets are refused: they can be guessed.
 pub const MIN_SECRET_CHARS: usize = 16;
 pub const MAX_CACHE_CAPACITY_MIB: u64 = 4096;
-pub const MAX_SHUTDOWN_TIMEOUT_SECONDS: u64 = 600;
+/// The unit's `TimeoutStopSec=30s` must leave room for the final commit.
+pub const MAX_SHUTDOWN_TIMEOUT_SECONDS: u64 = 20;
 pub const MAX_OUTBOX_WORKERS: u16 = 256;
 
 /// One broken rule.
@@ -75,16 +76,42 @@ impl Validate for StorageConfig {
 
 impl Validate for LoggingConfig {
     fn validate(&self, problems: &mut Vec<Problem>) {
-        if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(&self.level) {
+        if let Err(reason) = check_log_filter(&self.level) {
             problems.push(problem(
                 &["logging", "level"],
                 format!(
-                    "`{}` is not a log filter ({e}); use e.g. \"info\" or \"warn,smaregi_relay=debug\"",
+                    "`{}` is not a log filter ({reason}); use e.g. \"info\" or \"warn,smaregi_relay=debug\"",
                     self.level
                 ),
             ));
         }
     }
+}
+
+/// A `tracing` filter whose bare words are all levels.
+///
+/// `EnvFilter` reads a bare word that is not a level as a module name, so
+/// a typo such as `"wran"` would silently switch almost all logging off.
+pub fn check_log_filter(filter: &str) -> Result<(), String> {
+    if filter.trim().is_empty() {
+        return Err("it is empty".to_owned());
+    }
+    for directive in filter.split(',').map(str::trim) {
+        let names_a_target = directive.contains('=') || directive.contains('[');
+        if !names_a_target
+            && directive
+                .parse::<tracing_subscriber::filter::LevelFilter>()
+                .is_err()
+        {
+            return Err(format!(
+                "`{directive}` is not a level: use off, error, warn, info, debug or trace"
+            ));
+        }
+    }
+    tracing_subscriber::EnvFilter::builder()
+        .parse(filter)
+        .map(drop)
+        .map_err(|e| e.to_string())
 }
 
 impl Validate for DaemonConfig {
@@ -261,6 +288,10 @@ fn check_endpoint(endpoint: &str) -> Result<(), String> {
     }
     if let Some(rest) = endpoint.strip_prefix("http://") {
         let authority = rest.split('/').next().unwrap_or_default();
+        if authority.contains('@') {
+            // `http://127.0.0.1:1@evil.example/` is a request to evil.example.
+            return Err(format!("`{endpoint}` holds a user name (`@`); remove it"));
+        }
         let host = match authority.strip_prefix('[') {
             Some(bracketed) => bracketed.split(']').next().unwrap_or_default(),
             None => authority
@@ -294,8 +325,26 @@ mod tests {
         assert!(check_endpoint("http://localhost/access/").is_ok());
         assert!(check_endpoint("http://webapi.smaregi.jp/access/").is_err());
         assert!(check_endpoint("http://127.0.0.1.evil.example/").is_err());
+        assert!(check_endpoint("http://127.0.0.1:1@evil.example/").is_err());
+        assert!(check_endpoint("http://localhost:80@evil.example/access/").is_err());
         assert!(check_endpoint("https:///access").is_err());
         assert!(check_endpoint("ftp://x").is_err());
+    }
+
+    #[test]
+    fn log_filters_with_typos_are_refused() {
+        for good in [
+            "info",
+            "warn,smaregi_relay=debug",
+            "TRACE",
+            "off",
+            "smaregi_relay[commit]=debug",
+        ] {
+            assert_eq!(check_log_filter(good), Ok(()), "{good}");
+        }
+        for bad in ["", " ", "wran", "inf", "info,debugg", "a=b=c"] {
+            assert!(check_log_filter(bad).is_err(), "{bad:?} was accepted");
+        }
     }
 
     #[test]

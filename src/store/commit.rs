@@ -22,7 +22,6 @@
 //! would), and callers wake the committer only when it is parked. A short
 //! spin before parking was measured too and made no difference beyond noise.
 
-use std::fs::File;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::{self, JoinHandle, Thread};
@@ -36,6 +35,8 @@ pub enum CommitFailure {
     Flush(#[source] sled::Error),
     #[error("fdatasync of the database file failed: {0}")]
     Sync(#[source] std::io::Error),
+    #[error("a database operation failed: {0}")]
+    Operation(#[source] sled::Error),
     #[error("the committer thread panicked")]
     Panicked,
 }
@@ -87,15 +88,21 @@ impl Shared {
         }
     }
 
-    /// Ends the committer: every waiting and later caller gets `outcome`.
+    /// Ends the committer: every waiting and later caller gets `outcome`
+    /// (a failure replaces an earlier close; the first failure stays).
     fn end(&self, outcome: Outcome) {
         let stranded = {
             let mut waiters = self.waiters();
-            waiters.end.get_or_insert(outcome.clone());
+            if !matches!(waiters.end, Some(Outcome::Failed(_))) {
+                waiters.end = Some(outcome.clone());
+            }
             std::mem::take(&mut waiters.queue)
         };
         if let Outcome::Failed(failure) = &outcome {
-            self.failure.send_replace(Some(Arc::clone(failure)));
+            self.failure.send_if_modified(|current| {
+                current.get_or_insert_with(|| Arc::clone(failure));
+                true
+            });
         }
         for (_, caller) in stranded {
             let _ = caller.send(outcome.clone());
@@ -110,8 +117,12 @@ pub(crate) struct GroupCommitter {
 }
 
 impl GroupCommitter {
-    /// Starts the committer thread for `db`, whose data file is `data_file`.
-    pub fn start(db: sled::Db, data_file: File) -> std::io::Result<Self> {
+    /// Starts the committer thread; `sync` makes every write made before
+    /// the call durable (for the store: sled flush, then `fdatasync`).
+    pub fn start<S>(sync: S) -> std::io::Result<Self>
+    where
+        S: FnMut() -> Result<(), CommitFailure> + Send + 'static,
+    {
         let shared = Arc::new(Shared {
             requested: AtomicU64::new(0),
             parked: AtomicBool::new(false),
@@ -125,7 +136,7 @@ impl GroupCommitter {
         });
         let handle = thread::Builder::new().name("store-commit".into()).spawn({
             let shared = Arc::clone(&shared);
-            move || commit_loop(&shared, &db, &data_file)
+            move || commit_loop(&shared, sync)
         })?;
         Ok(Self {
             shared,
@@ -172,12 +183,22 @@ impl GroupCommitter {
         self.shared.failure.borrow().clone()
     }
 
+    /// Fails the store for good: waiting and later callers get `failure`.
+    pub fn poison(&self, failure: CommitFailure) {
+        self.shared.end(Outcome::Failed(Arc::new(failure)));
+        self.committer.unpark();
+    }
+
     pub fn sync_count(&self) -> u64 {
         self.shared.syncs.load(Ordering::Relaxed)
     }
 
-    /// Serves every ticket already handed out, then stops the thread.
+    /// Refuses new tickets, serves every ticket already handed out, then
+    /// stops the thread. Blocks for at most one round.
     pub fn stop(&self) {
+        // Closed under the lock that tickets are taken under: from here the
+        // counter no longer grows, so the committer's drain ends.
+        self.shared.waiters().end.get_or_insert(Outcome::Closed);
         self.shared.stop.store(true, Ordering::SeqCst);
         self.committer.unpark();
         let handle = self.handle.lock().map(|mut h| h.take()).unwrap_or(None);
@@ -207,10 +228,17 @@ impl Drop for PanicGuard<'_> {
     }
 }
 
-fn commit_loop(shared: &Shared, db: &sled::Db, data_file: &File) {
+fn commit_loop<S>(shared: &Shared, mut sync: S)
+where
+    S: FnMut() -> Result<(), CommitFailure>,
+{
     let _guard = PanicGuard(shared);
     let mut durable = 0;
     loop {
+        if shared.failure.borrow().is_some() {
+            // Poisoned from outside: no round may report success any more.
+            return;
+        }
         let target = shared.requested.load(Ordering::SeqCst);
         if target == durable {
             if shared.stop.load(Ordering::SeqCst) {
@@ -220,22 +248,19 @@ fn commit_loop(shared: &Shared, db: &sled::Db, data_file: &File) {
             park_until_ticket(shared, durable);
             continue;
         }
-        let result = db
-            .flush()
-            .map_err(CommitFailure::Flush)
-            .and_then(|_| data_file.sync_data().map_err(CommitFailure::Sync));
+        let result = sync();
         shared.syncs.fetch_add(1, Ordering::Relaxed);
-        match result {
-            Ok(()) => {
-                durable = target;
-                shared.complete_up_to(durable);
-            }
-            Err(failure) => {
-                tracing::error!(error = %failure, "durable commit failed; the store can no longer be trusted");
-                shared.end(Outcome::Failed(Arc::new(failure)));
-                return;
-            }
+        if let Err(failure) = result {
+            tracing::error!(error = %failure, "durable commit failed; the store can no longer be trusted");
+            shared.end(Outcome::Failed(Arc::new(failure)));
+            return;
         }
+        if shared.failure.borrow().is_some() {
+            // Poisoned during the round: its callers already have the failure.
+            return;
+        }
+        durable = target;
+        shared.complete_up_to(durable);
     }
 }
 
@@ -249,4 +274,175 @@ fn park_until_ticket(shared: &Shared, durable: u64) {
         thread::park();
     }
     shared.parked.store(false, Ordering::SeqCst);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+    use std::time::Duration;
+
+    /// Bounds every wait in these tests; none should come near it.
+    const DEADLINE: Duration = Duration::from_secs(10);
+
+    async fn commit(committer: &GroupCommitter) -> Outcome {
+        tokio::time::timeout(DEADLINE, committer.commit())
+            .await
+            .expect("a commit never hangs")
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_caller_completes_only_after_a_sync_that_saw_its_write() {
+        // `writes` stands for the store's contents; a round "makes durable"
+        // what it saw when it began.
+        let writes = Arc::new(AtomicU64::new(0));
+        let synced = Arc::new(AtomicU64::new(0));
+        let committer = Arc::new(
+            GroupCommitter::start({
+                let (writes, synced) = (Arc::clone(&writes), Arc::clone(&synced));
+                move || {
+                    let seen = writes.load(Ordering::SeqCst);
+                    thread::sleep(Duration::from_micros(200)); // the disk
+                    synced.fetch_max(seen, Ordering::SeqCst);
+                    Ok(())
+                }
+            })
+            .unwrap(),
+        );
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..32 {
+            let (committer, writes, synced) = (
+                Arc::clone(&committer),
+                Arc::clone(&writes),
+                Arc::clone(&synced),
+            );
+            tasks.spawn(async move {
+                for _ in 0..20 {
+                    let mine = writes.fetch_add(1, Ordering::SeqCst) + 1;
+                    assert!(matches!(commit(&committer).await, Outcome::Committed));
+                    assert!(
+                        synced.load(Ordering::SeqCst) >= mine,
+                        "completed before its write was synced"
+                    );
+                }
+            });
+        }
+        while let Some(task) = tasks.join_next().await {
+            task.unwrap();
+        }
+        assert!(committer.sync_count() < 32 * 20, "rounds were shared");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_sync_fails_every_waiting_and_later_caller() {
+        let rounds = Arc::new(AtomicUsize::new(0));
+        let committer = Arc::new(
+            GroupCommitter::start({
+                let rounds = Arc::clone(&rounds);
+                move || match rounds.fetch_add(1, Ordering::SeqCst) {
+                    0 => Ok(()),
+                    _ => Err(CommitFailure::Sync(std::io::Error::other("EIO"))),
+                }
+            })
+            .unwrap(),
+        );
+        assert!(matches!(commit(&committer).await, Outcome::Committed));
+        let mut waiting = tokio::task::JoinSet::new();
+        for _ in 0..8 {
+            let committer = Arc::clone(&committer);
+            waiting.spawn(async move { commit(&committer).await });
+        }
+        while let Some(outcome) = waiting.join_next().await {
+            assert!(matches!(outcome.unwrap(), Outcome::Failed(_)));
+        }
+        let failure = tokio::time::timeout(DEADLINE, committer.failed())
+            .await
+            .unwrap();
+        assert!(failure.to_string().contains("EIO"), "{failure}");
+        assert!(matches!(commit(&committer).await, Outcome::Failed(_)));
+        assert_eq!(
+            rounds.load(Ordering::SeqCst),
+            2,
+            "no round after the failure"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_panicking_sync_fails_callers_instead_of_hanging() {
+        let committer = GroupCommitter::start(|| panic!("simulated bug")).unwrap();
+        match commit(&committer).await {
+            Outcome::Failed(failure) => assert!(matches!(*failure, CommitFailure::Panicked)),
+            other => panic!("expected a failure, got {other:?}"),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn stop_during_a_burst_ends_and_refuses_later_callers() {
+        let committer = Arc::new(
+            GroupCommitter::start(|| {
+                thread::sleep(Duration::from_micros(100));
+                Ok(())
+            })
+            .unwrap(),
+        );
+        let mut busy = tokio::task::JoinSet::new();
+        for _ in 0..16 {
+            let committer = Arc::clone(&committer);
+            busy.spawn(async move {
+                let mut committed = 0u64;
+                loop {
+                    match commit(&committer).await {
+                        Outcome::Committed => committed += 1,
+                        Outcome::Closed => return committed,
+                        Outcome::Failed(f) => panic!("{f}"),
+                    }
+                }
+            });
+        }
+        // Let the burst get going, then stop it while it runs.
+        while committer.sync_count() < 20 {
+            tokio::task::yield_now().await;
+        }
+        let stopping = Arc::clone(&committer);
+        tokio::time::timeout(
+            DEADLINE,
+            tokio::task::spawn_blocking(move || stopping.stop()),
+        )
+        .await
+        .expect("stop does not livelock under a burst")
+        .unwrap();
+        let mut total = 0;
+        while let Some(committed) = busy.join_next().await {
+            total += committed.unwrap();
+        }
+        assert!(total > 0);
+        assert!(matches!(commit(&committer).await, Outcome::Closed));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn poison_fails_a_caller_whose_round_is_still_running() {
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let (entered, round_started) = std::sync::mpsc::channel::<()>();
+        let committer = Arc::new(
+            GroupCommitter::start(move || {
+                entered.send(()).unwrap();
+                released.recv().unwrap();
+                Ok(())
+            })
+            .unwrap(),
+        );
+        let waiting = tokio::spawn({
+            let committer = Arc::clone(&committer);
+            async move { commit(&committer).await }
+        });
+        tokio::task::spawn_blocking(move || round_started.recv_timeout(DEADLINE).unwrap())
+            .await
+            .unwrap();
+        committer.poison(CommitFailure::Operation(sled::Error::Unsupported(
+            "test".into(),
+        )));
+        release.send(()).unwrap();
+        assert!(matches!(waiting.await.unwrap(), Outcome::Failed(_)));
+        assert!(matches!(commit(&committer).await, Outcome::Failed(_)));
+    }
 }

@@ -35,6 +35,8 @@ pub const SCHEMA_VERSION: u32 = 1;
 const LOCK_FILE: &str = "lock";
 /// sled 0.34 keeps its log in this file inside the database directory.
 const SLED_DATA_FILE: &str = "db";
+/// sled 0.34 writes its settings here once, without syncing them.
+const SLED_CONFIG_FILE: &str = "conf";
 const SCHEMA_VERSION_KEY: &[u8] = b"schema-version";
 
 /// The name of a sled tree. Each module declares the trees it owns.
@@ -90,7 +92,8 @@ pub enum StoreError {
     )]
     SchemaMismatch {
         path: PathBuf,
-        found: u32,
+        /// The stored version, or a description of an unreadable one.
+        found: String,
         expected: u32,
     },
     #[error(
@@ -101,6 +104,8 @@ pub enum StoreError {
     NotAStore { path: PathBuf },
     #[error("store {} failed: {source}", path.display())]
     Io { path: PathBuf, source: sled::Error },
+    #[error("cannot sync store {} to disk: {source}", path.display())]
+    Sync { path: PathBuf, source: io::Error },
     #[error(
         "durable commit on store {} failed: {failure}; the store can no longer be trusted and \
          smaregi-relay must restart",
@@ -122,7 +127,9 @@ impl StoreError {
             Self::NotWritable { .. } => exit::CANT_CREATE,
             Self::Locked { .. } => exit::TEMP_FAIL,
             Self::SchemaMismatch { .. } | Self::NotAStore { .. } => exit::DATA_ERR,
-            Self::Open { .. } | Self::Io { .. } | Self::CommitFailed { .. } => exit::IO_ERROR,
+            Self::Open { .. } | Self::Io { .. } | Self::Sync { .. } | Self::CommitFailed { .. } => {
+                exit::IO_ERROR
+            }
             Self::Closed { .. } => exit::SOFTWARE,
         }
     }
@@ -159,7 +166,11 @@ impl Store {
             path: directory.clone(),
             source,
         };
-        fs::create_dir_all(&directory).map_err(not_writable)?;
+        let sync_failed = |source| StoreError::Sync {
+            path: directory.clone(),
+            source,
+        };
+        let created = create_directories(&directory).map_err(not_writable)?;
         let lock = File::options()
             .create(true)
             .truncate(false)
@@ -190,12 +201,15 @@ impl Store {
 
         let meta = db.open_tree(TreeName::META.as_str()).map_err(io)?;
         match meta.get(SCHEMA_VERSION_KEY).map_err(io)? {
-            Some(found) => {
-                let found = <[u8; 4]>::try_from(&*found).map_or(0, u32::from_be_bytes);
-                if found != SCHEMA_VERSION {
+            Some(stored) => {
+                let found = <[u8; 4]>::try_from(&*stored).ok().map(u32::from_be_bytes);
+                if found != Some(SCHEMA_VERSION) {
                     return Err(StoreError::SchemaMismatch {
                         path: directory,
-                        found,
+                        found: found.map_or_else(
+                            || format!("unreadable ({} bytes)", stored.len()),
+                            |version| version.to_string(),
+                        ),
                         expected: SCHEMA_VERSION,
                     });
                 }
@@ -209,17 +223,30 @@ impl Store {
             }
         }
 
+        // The first durable commit, here: the data, sled's `conf` (which
+        // sled writes without syncing), and the entries of every file and
+        // directory just created.
         let data_file = File::open(directory.join(SLED_DATA_FILE)).map_err(not_writable)?;
-        // Make the first durable commit here, including the directory
-        // entries of files sled may just have created.
         db.flush().map_err(io)?;
-        data_file.sync_data().map_err(not_writable)?;
-        sync_directory(&directory).map_err(not_writable)?;
-        if let Some(parent) = directory.parent() {
-            sync_directory(parent).map_err(not_writable)?;
+        data_file.sync_data().map_err(sync_failed)?;
+        File::open(directory.join(SLED_CONFIG_FILE))
+            .and_then(|conf| conf.sync_all())
+            .map_err(sync_failed)?;
+        for created in created.iter().chain([&directory]) {
+            sync_directory(created).map_err(sync_failed)?;
+            if let Some(parent) = created.parent() {
+                sync_directory(parent).map_err(sync_failed)?;
+            }
         }
 
-        let committer = GroupCommitter::start(db.clone(), data_file).map_err(not_writable)?;
+        let committer = GroupCommitter::start({
+            let db = db.clone();
+            move || {
+                db.flush().map_err(CommitFailure::Flush)?;
+                data_file.sync_data().map_err(CommitFailure::Sync)
+            }
+        })
+        .map_err(not_writable)?;
         Ok(Self {
             inner: Arc::new(Inner {
                 committer,
@@ -237,18 +264,30 @@ impl Store {
 
     /// Opens a named tree, for records and for multi-tree transactions.
     pub fn tree(&self, name: TreeName) -> Result<sled::Tree, StoreError> {
-        self.inner
-            .db
-            .open_tree(name.as_str())
-            .map_err(|source| self.io_error(source))
+        self.check(self.inner.db.open_tree(name.as_str()))
     }
 
     /// A unique, increasing id; unique across restarts (with gaps).
     pub fn generate_id(&self) -> Result<u64, StoreError> {
-        self.inner
-            .db
-            .generate_id()
-            .map_err(|source| self.io_error(source))
+        self.check(self.inner.db.generate_id())
+    }
+
+    /// Passes a sled result through; an error fails the store for good.
+    ///
+    /// Every module maps the results of its own sled calls through this:
+    /// after any I/O error the store cannot be trusted, so no later commit
+    /// succeeds and [`Store::failed`] resolves.
+    pub fn check<T>(&self, result: sled::Result<T>) -> Result<T, StoreError> {
+        result.map_err(|source| {
+            tracing::error!(error = %source, "store operation failed; the store can no longer be trusted");
+            self.inner
+                .committer
+                .poison(CommitFailure::Operation(source.clone()));
+            StoreError::Io {
+                path: self.inner.directory.clone(),
+                source,
+            }
+        })
     }
 
     /// Makes every write this caller has made durable.
@@ -285,11 +324,13 @@ impl Store {
 
     /// Makes everything durable and stops the committer.
     ///
-    /// Commits made through other clones after this returns fail with
+    /// Commits through other clones after this fail with
     /// [`StoreError::Closed`]; the database itself closes with the last clone.
     pub async fn close(&self) -> Result<(), StoreError> {
         let result = self.commit().await;
-        self.inner.committer.stop();
+        let inner = Arc::clone(&self.inner);
+        // Stopping joins the committer thread: not on a runtime thread.
+        let _ = tokio::task::spawn_blocking(move || inner.committer.stop()).await;
         if let Some(failure) = self.inner.committer.failure() {
             return Err(StoreError::CommitFailed {
                 path: self.inner.directory.clone(),
@@ -297,13 +338,6 @@ impl Store {
             });
         }
         result
-    }
-
-    fn io_error(&self, source: sled::Error) -> StoreError {
-        StoreError::Io {
-            path: self.inner.directory.clone(),
-            source,
-        }
     }
 }
 
@@ -367,6 +401,17 @@ fn holds_data(db: &sled::Db) -> sled::Result<bool> {
         }
     }
     Ok(false)
+}
+
+/// Creates `directory` and its missing ancestors; returns those it created.
+fn create_directories(directory: &Path) -> io::Result<Vec<PathBuf>> {
+    let missing: Vec<PathBuf> = directory
+        .ancestors()
+        .take_while(|ancestor| !ancestor.as_os_str().is_empty() && !ancestor.exists())
+        .map(Path::to_path_buf)
+        .collect();
+    fs::create_dir_all(directory)?;
+    Ok(missing)
 }
 
 /// Makes a directory's entries (new files, renames) durable.

@@ -105,6 +105,11 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn start(dir: &Path, config: &Path) -> Self {
+        Self::start_with_env(dir, config, &[])
+    }
+
+    /// Starts the daemon with extra environment variables.
+    pub fn start_with_env(dir: &Path, config: &Path, envs: &[(&str, &str)]) -> Self {
         let notify = NotifySocket::bind(dir);
         let stderr = dir.join("daemon.stderr");
         let child = Command::new(relay_binary())
@@ -113,6 +118,7 @@ impl Daemon {
             .env("NOTIFY_SOCKET", &notify.path)
             .env_remove("JOURNAL_STREAM")
             .env_remove("RUST_LOG")
+            .envs(envs.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(fs::File::create(&stderr).unwrap())
