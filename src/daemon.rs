@@ -71,9 +71,7 @@ pub fn run(config_path: &Path) -> Result<(), DaemonError> {
         .map_err(DaemonError::Runtime)?;
     let result = runtime.block_on(serve(loaded));
     if let Err(DaemonError::Store(StoreError::CommitFailed { .. })) = &result {
-        // Tasks still hold store handles; dropping the runtime would let
-        // sled's destructors write and fsync again (and unwrap the result)
-        // on a store that already failed. The process is about to exit.
+        // Tasks still hold store handles: see `abandon`.
         std::mem::forget(runtime);
     }
     result
@@ -105,11 +103,7 @@ async fn serve(loaded: LoadedConfig) -> Result<(), DaemonError> {
     };
     let signal_name = match stop {
         Ok(signal_name) => signal_name,
-        Err(error) => {
-            // See `run`: sled's destructors must not run on a failed store.
-            std::mem::forget(store);
-            return Err(error.into());
-        }
+        Err(error) => return Err(abandon(store, error)),
     };
     info!(signal = signal_name, "shutting down");
     notify(&[("STOPPING", "1"), ("STATUS", "shutting down")]);
@@ -123,9 +117,19 @@ async fn serve(loaded: LoadedConfig) -> Result<(), DaemonError> {
             "tasks did not stop before the shutdown deadline; committing and exiting anyway"
         );
     }
-    store.close().await?;
+    if let Err(error) = store.close().await {
+        return Err(abandon(store, error));
+    }
     info!("stopped cleanly");
     Ok(())
+}
+
+/// Leaks a store that failed, so that sled's destructors never run on it:
+/// they would write and fsync again and unwrap the result. The process
+/// exits right after (see `run`, which also leaks the runtime).
+fn abandon(store: Store, error: StoreError) -> DaemonError {
+    std::mem::forget(store);
+    error.into()
 }
 
 /// Tells systemd about our state; a no-op outside a `Type=notify` unit.

@@ -115,6 +115,8 @@ pub enum StoreError {
         path: PathBuf,
         failure: Arc<CommitFailure>,
     },
+    #[error("cannot start the commit thread of store {}: {source}", path.display())]
+    CommitThread { path: PathBuf, source: io::Error },
     #[error("store {} is closed", path.display())]
     Closed { path: PathBuf },
 }
@@ -130,7 +132,7 @@ impl StoreError {
             Self::Open { .. } | Self::Io { .. } | Self::Sync { .. } | Self::CommitFailed { .. } => {
                 exit::IO_ERROR
             }
-            Self::Closed { .. } => exit::SOFTWARE,
+            Self::CommitThread { .. } | Self::Closed { .. } => exit::SOFTWARE,
         }
     }
 }
@@ -166,10 +168,6 @@ impl Store {
             path: directory.clone(),
             source,
         };
-        let sync_failed = |source| StoreError::Sync {
-            path: directory.clone(),
-            source,
-        };
         let created = create_directories(&directory).map_err(not_writable)?;
         let lock = File::options()
             .create(true)
@@ -194,50 +192,20 @@ impl Store {
                 source,
             },
         })?;
-        let io = |source| StoreError::Io {
-            path: directory.clone(),
-            source,
+        let data_file = match prepare(&db, &directory, &created) {
+            Ok(data_file) => data_file,
+            Err(error) => {
+                if !matches!(
+                    error,
+                    StoreError::SchemaMismatch { .. } | StoreError::NotAStore { .. }
+                ) {
+                    // After an I/O error sled's destructor would write and
+                    // fsync again and unwrap the result: never run it.
+                    std::mem::forget(db);
+                }
+                return Err(error);
+            }
         };
-
-        let meta = db.open_tree(TreeName::META.as_str()).map_err(io)?;
-        match meta.get(SCHEMA_VERSION_KEY).map_err(io)? {
-            Some(stored) => {
-                let found = <[u8; 4]>::try_from(&*stored).ok().map(u32::from_be_bytes);
-                if found != Some(SCHEMA_VERSION) {
-                    return Err(StoreError::SchemaMismatch {
-                        path: directory,
-                        found: found.map_or_else(
-                            || format!("unreadable ({} bytes)", stored.len()),
-                            |version| version.to_string(),
-                        ),
-                        expected: SCHEMA_VERSION,
-                    });
-                }
-            }
-            None => {
-                if holds_data(&db).map_err(io)? {
-                    return Err(StoreError::NotAStore { path: directory });
-                }
-                meta.insert(SCHEMA_VERSION_KEY, &SCHEMA_VERSION.to_be_bytes())
-                    .map_err(io)?;
-            }
-        }
-
-        // The first durable commit, here: the data, sled's `conf` (which
-        // sled writes without syncing), and the entries of every file and
-        // directory just created.
-        let data_file = File::open(directory.join(SLED_DATA_FILE)).map_err(not_writable)?;
-        db.flush().map_err(io)?;
-        data_file.sync_data().map_err(sync_failed)?;
-        File::open(directory.join(SLED_CONFIG_FILE))
-            .and_then(|conf| conf.sync_all())
-            .map_err(sync_failed)?;
-        for created in created.iter().chain([&directory]) {
-            sync_directory(created).map_err(sync_failed)?;
-            if let Some(parent) = created.parent() {
-                sync_directory(parent).map_err(sync_failed)?;
-            }
-        }
 
         let committer = GroupCommitter::start({
             let db = db.clone();
@@ -246,7 +214,10 @@ impl Store {
                 data_file.sync_data().map_err(CommitFailure::Sync)
             }
         })
-        .map_err(not_writable)?;
+        .map_err(|source| StoreError::CommitThread {
+            path: directory.clone(),
+            source,
+        })?;
         Ok(Self {
             inner: Arc::new(Inner {
                 committer,
@@ -308,7 +279,8 @@ impl Store {
         }
     }
 
-    /// Resolves when the store has failed a flush or sync; pending otherwise.
+    /// Resolves when the store has failed (a flush, a sync, or any
+    /// operation passed through [`Store::check`]); pending otherwise.
     pub async fn failed(&self) -> StoreError {
         let failure = self.inner.committer.failed().await;
         StoreError::CommitFailed {
@@ -384,6 +356,60 @@ fn open_sled(options: &StoreOptions) -> Result<sled::Db, SledOpenError> {
 /// sled 0.34.7 (pinned) reports a busy lock only as this I/O error text.
 fn is_sled_lock_busy(error: &sled::Error) -> bool {
     matches!(error, sled::Error::Io(e) if e.to_string().contains("could not acquire lock"))
+}
+
+/// Checks or writes the schema version and makes the fresh store durable;
+/// returns sled's data file, for the committer to `fdatasync`.
+fn prepare(db: &sled::Db, directory: &Path, created: &[PathBuf]) -> Result<File, StoreError> {
+    let io = |source| StoreError::Io {
+        path: directory.to_path_buf(),
+        source,
+    };
+    let sync_failed = |source| StoreError::Sync {
+        path: directory.to_path_buf(),
+        source,
+    };
+    let meta = db.open_tree(TreeName::META.as_str()).map_err(io)?;
+    match meta.get(SCHEMA_VERSION_KEY).map_err(io)? {
+        Some(stored) => {
+            let found = <[u8; 4]>::try_from(&*stored).ok().map(u32::from_be_bytes);
+            if found != Some(SCHEMA_VERSION) {
+                return Err(StoreError::SchemaMismatch {
+                    path: directory.to_path_buf(),
+                    found: found.map_or_else(
+                        || format!("unreadable ({} bytes)", stored.len()),
+                        |version| version.to_string(),
+                    ),
+                    expected: SCHEMA_VERSION,
+                });
+            }
+        }
+        None => {
+            if holds_data(db).map_err(io)? {
+                return Err(StoreError::NotAStore {
+                    path: directory.to_path_buf(),
+                });
+            }
+            meta.insert(SCHEMA_VERSION_KEY, &SCHEMA_VERSION.to_be_bytes())
+                .map_err(io)?;
+        }
+    }
+
+    // The first durable commit: the data, sled's `conf` (which sled writes
+    // without syncing), and the entries of every directory just created.
+    let data_file = File::open(directory.join(SLED_DATA_FILE)).map_err(sync_failed)?;
+    db.flush().map_err(io)?;
+    data_file.sync_data().map_err(sync_failed)?;
+    File::open(directory.join(SLED_CONFIG_FILE))
+        .and_then(|conf| conf.sync_all())
+        .map_err(sync_failed)?;
+    for created in created.iter().map(PathBuf::as_path).chain([directory]) {
+        sync_directory(created).map_err(sync_failed)?;
+        if let Some(parent) = created.parent() {
+            sync_directory(parent).map_err(sync_failed)?;
+        }
+    }
+    Ok(data_file)
 }
 
 /// Whether a database without a schema version already holds records.
