@@ -12,6 +12,7 @@
 //! |---|---|
 //! | [`config`] | the TOML configuration: types, named defaults, validation with file/line/column diagnostics, secret resolution |
 //! | [`store`] | the sled database: trees, key encodings, schema version, the group-committed durable commit |
+//! | [`outbox`] | the calls we owe: retry policy (the job engine follows) |
 //! | [`telemetry`] | tracing set-up: journald under systemd, human-readable stderr otherwise |
 //! | [`daemon`] | wiring, start-up order, sd_notify, the shutdown token and drain deadline |
 //! | [`cli`] | the command-line definition shared by the binary (and, later, completions and man page) |
@@ -21,5 +22,6 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod exit;
+pub mod outbox;
 pub mod store;
 pub mod telemetry;

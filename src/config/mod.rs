@@ -58,6 +58,11 @@ pub mod defaults {
     pub const MAPPING_FALLBACK: super::MappingFallback = super::MappingFallback::Identity;
     pub const OUTBOX_WORKERS: u16 = 4;
     pub const OUTBOX_MAX_AGE_HOURS: u64 = 72;
+    /// Immediately, 5 s, 30 s, 2 min, 10 min, 30 min, 1 h …
+    pub const RETRY_SCHEDULE_SECONDS: [u64; 7] = [0, 5, 30, 120, 600, 1800, 3600];
+    /// … then every 2 h.
+    pub const RETRY_REPEAT_SECONDS: u64 = 7200;
+    pub const MAX_RETRY_AFTER_SECONDS: u64 = 6 * 3600;
     /// Loopback only: metrics and the staff status page.
     pub const ADMIN_LISTEN_ADDRESS: SocketAddr =
         SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 9187);
@@ -210,6 +215,12 @@ pub struct OutboxConfig {
     pub workers: u16,
     /// Jobs still failing after this long are parked for an operator.
     pub max_age_hours: u64,
+    /// Upper bounds of the wait after the 1st, 2nd, … failure (full jitter).
+    pub retry_schedule_seconds: Vec<u64>,
+    /// Upper bound of the wait after every later failure.
+    pub retry_repeat_seconds: u64,
+    /// The longest `Retry-After` from an upstream that is honoured.
+    pub max_retry_after_seconds: u64,
 }
 
 impl Default for OutboxConfig {
@@ -217,6 +228,9 @@ impl Default for OutboxConfig {
         Self {
             workers: defaults::OUTBOX_WORKERS,
             max_age_hours: defaults::OUTBOX_MAX_AGE_HOURS,
+            retry_schedule_seconds: defaults::RETRY_SCHEDULE_SECONDS.to_vec(),
+            retry_repeat_seconds: defaults::RETRY_REPEAT_SECONDS,
+            max_retry_after_seconds: defaults::MAX_RETRY_AFTER_SECONDS,
         }
     }
 }

@@ -191,6 +191,22 @@ impl Validate for OutboxConfig {
             &["outbox", "max-age-hours"],
             "must be at least 1".into(),
         );
+        check(
+            problems,
+            self.retry_schedule_seconds.windows(2).all(|w| w[0] <= w[1])
+                && self
+                    .retry_schedule_seconds
+                    .last()
+                    .is_none_or(|&last| last <= self.retry_repeat_seconds),
+            &["outbox", "retry-schedule-seconds"],
+            "the delays must not shrink, and none may exceed `retry-repeat-seconds`".into(),
+        );
+        check(
+            problems,
+            self.retry_repeat_seconds >= 1,
+            &["outbox", "retry-repeat-seconds"],
+            "must be at least 1".into(),
+        );
     }
 }
 
