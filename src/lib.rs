@@ -12,7 +12,7 @@
 //! |---|---|
 //! | [`config`] | the TOML configuration: types, named defaults, validation with file/line/column diagnostics, secret resolution |
 //! | [`store`] | the sled database: trees, key encodings, schema version, the group-committed durable commit |
-//! | [`outbox`] | the calls we owe: retry policy (the job engine follows) |
+//! | [`outbox`] | the calls we owe: job model, durable per-key queue, retry policy (the engine that runs jobs follows) |
 //! | [`telemetry`] | tracing set-up: journald under systemd, human-readable stderr otherwise |
 //! | [`daemon`] | wiring, start-up order, sd_notify, the shutdown token and drain deadline |
 //! | [`cli`] | the command-line definition shared by the binary (and, later, completions and man page) |

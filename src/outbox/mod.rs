@@ -5,6 +5,16 @@
 //! ordering. It must never decide what a job does: executors, registered per
 //! job kind by the modules that own the calls, do that.
 //!
-//! So far: the retry policy ([`retry`]). The job engine follows.
+//! - [`job`]: the job record, its states and error classes, its size limit.
+//! - [`queue`]: the durable queue: per-key order, the index of runnable
+//!   jobs, parking, operator retry and discard, enqueue inside a caller's
+//!   transaction.
+//! - [`retry`]: when a failed job runs again, and when it is parked.
+//!
+//! Still to come (issue 3): the async engine that runs executors on due
+//! jobs (workers, wake-ups, pause/resume of an upstream, rate limits),
+//! pruning of finished jobs, counts for status, and the kill test.
 
+pub mod job;
+pub mod queue;
 pub mod retry;

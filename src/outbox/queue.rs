@@ -1,0 +1,524 @@
+//! The durable queue: jobs, their per-key order, and the index of jobs
+//! that may run.
+//!
+//! One sled tree, four kinds of record:
+//!
+//! | key | value | what |
+//! |---|---|---|
+//! | `J` id | job (JSON) | every job, whatever its state |
+//! | `K` key | next sequence, unfinished count | per ordering key, while it has unfinished jobs |
+//! | `Q` key `␀` sequence | job id | the unfinished jobs of a key, in enqueue order |
+//! | `D` upstream `␀` due id | — | the **head** of each key that may run, by due time |
+//! | `B` key | job id | keys blocked by a parked head |
+//! | `A` time id | audit (JSON) | discards by an operator |
+//!
+//! Only the head (oldest unfinished job) of a key is ever in `D`, so one
+//! job per key runs at a time, and the scheduler reads the runnable jobs in
+//! due order without scanning anything else. A parked head leaves `D` and
+//! blocks its key until it is retried or discarded. Which jobs are running
+//! is kept in memory by the engine, not here: after a crash they are simply
+//! pending again, and start-up reads nothing.
+//!
+//! Every transition is one sled transaction, so the records never disagree;
+//! [`Queue::stage`] lets other modules add jobs inside their own
+//! transaction, so that a record is never stored without its jobs. None of
+//! this is durable before the caller's [`crate::store::Store::commit`].
+
+use sled::transaction::{
+    ConflictableTransactionError, ConflictableTransactionResult, TransactionError,
+    TransactionalTree,
+};
+
+use super::job::{self, ErrorClass, InvalidJob, Job, JobError, JobState, NewJob};
+use crate::store::keys::{decode_u64_key, decode_u64_pair_key, u64_key, u64_pair_key};
+use crate::store::{Store, StoreError, TreeName};
+
+/// The outbox's tree.
+pub const OUTBOX: TreeName = TreeName::new("outbox");
+
+const JOB: u8 = b'J';
+const KEY: u8 = b'K';
+const QUEUE: u8 = b'Q';
+const DUE: u8 = b'D';
+const BLOCKED: u8 = b'B';
+const AUDIT: u8 = b'A';
+
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    #[error("{0}")]
+    Invalid(#[from] InvalidJob),
+    #[error("no job {0}")]
+    NotFound(u64),
+    #[error("job {id} is {state:?}, which does not allow this")]
+    WrongState { id: u64, state: JobState },
+    #[error("outbox record is corrupt: {0}")]
+    Corrupt(String),
+    #[error("{0}")]
+    Store(#[from] StoreError),
+}
+
+/// An operator's discard, kept for audit.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct DiscardRecord {
+    pub job: u64,
+    pub key: String,
+    pub kind: String,
+    pub reason: String,
+    pub at: u64,
+}
+
+fn prefixed(tag: u8, parts: &[&[u8]]) -> Vec<u8> {
+    let mut key = vec![tag];
+    for part in parts {
+        key.extend_from_slice(part);
+    }
+    key
+}
+
+fn job_record(id: u64) -> Vec<u8> {
+    prefixed(JOB, &[&u64_key(id)])
+}
+
+fn key_record(key: &str) -> Vec<u8> {
+    prefixed(KEY, &[key.as_bytes()])
+}
+
+fn queue_prefix(key: &str) -> Vec<u8> {
+    prefixed(QUEUE, &[key.as_bytes(), &[0]])
+}
+
+fn queue_record(key: &str, sequence: u64) -> Vec<u8> {
+    prefixed(QUEUE, &[key.as_bytes(), &[0], &u64_key(sequence)])
+}
+
+fn due_prefix(upstream: &str) -> Vec<u8> {
+    prefixed(DUE, &[upstream.as_bytes(), &[0]])
+}
+
+fn due_record(upstream: &str, due: u64, id: u64) -> Vec<u8> {
+    prefixed(DUE, &[upstream.as_bytes(), &[0], &u64_pair_key(due, id)])
+}
+
+fn blocked_record(key: &str) -> Vec<u8> {
+    prefixed(BLOCKED, &[key.as_bytes()])
+}
+
+/// Per-key bookkeeping: the next sequence number and the unfinished count.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct KeyState {
+    next_sequence: u64,
+    unfinished: u64,
+}
+
+impl KeyState {
+    fn decode(bytes: Option<sled::IVec>) -> Result<Self, QueueError> {
+        match bytes {
+            None => Ok(Self::default()),
+            Some(bytes) => decode_u64_pair_key(&bytes)
+                .map(|(next_sequence, unfinished)| Self {
+                    next_sequence,
+                    unfinished,
+                })
+                .map_err(|e| QueueError::Corrupt(format!("key state: {e}"))),
+        }
+    }
+
+    fn encode(self) -> [u8; 16] {
+        u64_pair_key(self.next_sequence, self.unfinished)
+    }
+}
+
+fn decode_job(bytes: &[u8]) -> Result<Job, QueueError> {
+    serde_json::from_slice(bytes).map_err(|e| QueueError::Corrupt(format!("job: {e}")))
+}
+
+/// Aborts a transaction with a queue error.
+fn abort<T, E: From<QueueError>>(
+    error: impl Into<QueueError>,
+) -> ConflictableTransactionResult<T, E> {
+    Err(ConflictableTransactionError::Abort(E::from(error.into())))
+}
+
+/// Why a transition's transaction gave up.
+enum Attempt {
+    Failed(QueueError),
+    /// The key's queue changed since it was read: read it again.
+    Reread,
+}
+
+impl From<QueueError> for Attempt {
+    fn from(error: QueueError) -> Self {
+        Self::Failed(error)
+    }
+}
+
+/// The durable queue over the outbox tree.
+#[derive(Debug, Clone)]
+pub struct Queue {
+    store: Store,
+    tree: sled::Tree,
+}
+
+impl Queue {
+    pub fn open(store: &Store) -> Result<Self, StoreError> {
+        Ok(Self {
+            tree: store.tree(OUTBOX)?,
+            store: store.clone(),
+        })
+    }
+
+    /// The outbox tree, for transactions that span it and a caller's trees.
+    pub fn tree(&self) -> &sled::Tree {
+        &self.tree
+    }
+
+    /// Adds a job inside the caller's transaction over the outbox tree.
+    ///
+    /// `id` comes from [`Store::generate_id`], taken before the
+    /// transaction. The job's place in its key's order is fixed by the
+    /// transaction's commit, so jobs of one key run in the order their
+    /// transactions commit.
+    pub fn stage(
+        outbox: &TransactionalTree,
+        id: u64,
+        new: &NewJob,
+        now: u64,
+    ) -> ConflictableTransactionResult<(), QueueError> {
+        if let Err(invalid) = job::validate(new) {
+            return abort(invalid);
+        }
+        let record = match job::encode(&Job::new(id, new, now)) {
+            Ok(record) => record,
+            Err(invalid) => return abort(invalid),
+        };
+        let mut state = match KeyState::decode(outbox.get(key_record(&new.key))?) {
+            Ok(state) => state,
+            Err(corrupt) => return abort(corrupt),
+        };
+        outbox.insert(job_record(id), record)?;
+        outbox.insert(queue_record(&new.key, state.next_sequence), &u64_key(id))?;
+        if state.unfinished == 0 {
+            outbox.insert(due_record(&new.upstream, now, id), &[])?;
+        }
+        state.next_sequence += 1;
+        state.unfinished += 1;
+        outbox.insert(key_record(&new.key), &state.encode())?;
+        Ok(())
+    }
+
+    /// Adds one job in a transaction of its own; returns its id. Durable
+    /// after the next commit.
+    pub fn enqueue(&self, new: &NewJob, now: u64) -> Result<u64, QueueError> {
+        let id = self.store.generate_id()?;
+        self.transaction(|outbox| Self::stage(outbox, id, new, now))?;
+        Ok(id)
+    }
+
+    pub fn job(&self, id: u64) -> Result<Option<Job>, QueueError> {
+        let bytes = self.store.check(self.tree.get(job_record(id)))?;
+        bytes.map(|bytes| decode_job(&bytes)).transpose()
+    }
+
+    /// Up to `limit` jobs of `upstream` that may run at `now`, earliest
+    /// first, leaving out those `running` says are running.
+    pub fn due(
+        &self,
+        upstream: &str,
+        now: u64,
+        limit: usize,
+        running: impl Fn(u64) -> bool,
+    ) -> Result<Vec<u64>, QueueError> {
+        let mut ids = Vec::new();
+        for entry in self.tree.scan_prefix(due_prefix(upstream)) {
+            let (key, _) = self.store.check(entry)?;
+            let (due, id) = Self::due_entry(upstream, &key)?;
+            if due > now || ids.len() == limit {
+                break;
+            }
+            if !running(id) {
+                ids.push(id);
+            }
+        }
+        Ok(ids)
+    }
+
+    /// When the next job of `upstream` that is not running becomes due.
+    pub fn next_due(
+        &self,
+        upstream: &str,
+        running: impl Fn(u64) -> bool,
+    ) -> Result<Option<u64>, QueueError> {
+        for entry in self.tree.scan_prefix(due_prefix(upstream)) {
+            let (key, _) = self.store.check(entry)?;
+            let (due, id) = Self::due_entry(upstream, &key)?;
+            if !running(id) {
+                return Ok(Some(due));
+            }
+        }
+        Ok(None)
+    }
+
+    fn due_entry(upstream: &str, key: &[u8]) -> Result<(u64, u64), QueueError> {
+        decode_u64_pair_key(&key[due_prefix(upstream).len()..])
+            .map_err(|e| QueueError::Corrupt(format!("due index: {e}")))
+    }
+
+    /// A successful attempt: the job is done and the next of its key may run.
+    pub fn complete(&self, id: u64, now: u64) -> Result<(), QueueError> {
+        self.finish(id, |job| {
+            job.attempts += 1;
+            job.state = JobState::Done;
+            job.finished_at = Some(now);
+        })
+    }
+
+    /// A failed attempt to be tried again at `at`.
+    pub fn reschedule(&self, id: u64, at: u64, error: JobError) -> Result<(), QueueError> {
+        self.transaction(|outbox| {
+            let mut job = Self::running_head(outbox, id)?;
+            outbox.remove(due_record(&job.upstream, job.next_attempt_at, id))?;
+            job.attempts += 1;
+            job.record_failure(error.clone());
+            job.next_attempt_at = at;
+            Self::put(outbox, &job)?;
+            outbox.insert(due_record(&job.upstream, at, id), &[])?;
+            Ok(())
+        })
+    }
+
+    /// A failed attempt that will not be retried: the job waits for an
+    /// operator and blocks the later jobs of its key.
+    pub fn park(&self, id: u64, error: JobError) -> Result<(), QueueError> {
+        self.transaction(|outbox| {
+            let mut job = Self::running_head(outbox, id)?;
+            outbox.remove(due_record(&job.upstream, job.next_attempt_at, id))?;
+            job.attempts += 1;
+            job.record_failure(error.clone());
+            job.state = JobState::Parked;
+            Self::put(outbox, &job)?;
+            outbox.insert(blocked_record(&job.key), &u64_key(id))?;
+            Ok(())
+        })
+    }
+
+    /// An operator's retry of a parked job: it runs again at `now`.
+    pub fn retry_parked(&self, id: u64, now: u64) -> Result<(), QueueError> {
+        self.transaction(|outbox| {
+            let mut job = Self::load(outbox, id)?;
+            if job.state != JobState::Parked {
+                return abort(QueueError::WrongState {
+                    id,
+                    state: job.state,
+                });
+            }
+            job.state = JobState::Pending;
+            job.next_attempt_at = now;
+            Self::put(outbox, &job)?;
+            outbox.remove(blocked_record(&job.key))?;
+            outbox.insert(due_record(&job.upstream, now, id), &[])?;
+            Ok(())
+        })
+    }
+
+    /// An operator gives up on an unfinished job, with a reason kept for audit.
+    pub fn discard(&self, id: u64, reason: &str, now: u64) -> Result<(), QueueError> {
+        self.finish(id, |job| {
+            job.state = JobState::Discarded;
+            job.last_error = Some(JobError::new(ErrorClass::Operator, reason, now));
+            job.finished_at = Some(now);
+        })?;
+        let job = self.job(id)?.ok_or(QueueError::NotFound(id))?;
+        let audit = DiscardRecord {
+            job: id,
+            key: job.key,
+            kind: job.kind,
+            reason: reason.to_owned(),
+            at: now,
+        };
+        let record = serde_json::to_vec(&audit).expect("an audit record serialises");
+        let key = prefixed(AUDIT, &[&u64_pair_key(now, id)]);
+        self.store.check(self.tree.insert(key, record))?;
+        Ok(())
+    }
+
+    /// Every discard, oldest first.
+    pub fn discards(&self) -> Result<Vec<DiscardRecord>, QueueError> {
+        self.tree
+            .scan_prefix([AUDIT])
+            .map(|entry| {
+                let (_, value) = self.store.check(entry)?;
+                serde_json::from_slice(&value)
+                    .map_err(|e| QueueError::Corrupt(format!("audit: {e}")))
+            })
+            .collect()
+    }
+
+    /// Keys whose head is parked, with that job's id.
+    pub fn blocked_keys(&self) -> Result<Vec<(String, u64)>, QueueError> {
+        self.tree
+            .scan_prefix([BLOCKED])
+            .map(|entry| {
+                let (key, value) = self.store.check(entry)?;
+                let id = decode_u64_key(&value).map_err(|e| QueueError::Corrupt(e.to_string()))?;
+                Ok((String::from_utf8_lossy(&key[1..]).into_owned(), id))
+            })
+            .collect()
+    }
+
+    /// Ends an unfinished job (done or discarded) and, if it was its key's
+    /// head, makes the next job of the key runnable.
+    fn finish(&self, id: u64, end: impl Fn(&mut Job)) -> Result<(), QueueError> {
+        loop {
+            let job = self.job(id)?.ok_or(QueueError::NotFound(id))?;
+            if !matches!(job.state, JobState::Pending | JobState::Parked) {
+                return Err(QueueError::WrongState {
+                    id,
+                    state: job.state,
+                });
+            }
+            // Read the key's queue outside the transaction (sled
+            // transactions cannot scan); the transaction checks it is unchanged.
+            let queue = self.key_queue(&job.key)?;
+            let Some(position) = queue.iter().position(|&(_, queued)| queued == id) else {
+                return Err(QueueError::Corrupt(format!(
+                    "job {id} is missing from its key's queue"
+                )));
+            };
+            let (sequence, _) = queue[position];
+            let next = (position == 0).then(|| queue.get(1).copied()).flatten();
+            let result = self.tree.transaction(|outbox| {
+                let mut job: Job = Self::load(outbox, id)?;
+                let reread = || Err(ConflictableTransactionError::Abort(Attempt::Reread));
+                if !matches!(job.state, JobState::Pending | JobState::Parked)
+                    || outbox.remove(queue_record(&job.key, sequence))?.is_none()
+                {
+                    return reread();
+                }
+                let mut state = match KeyState::decode(outbox.get(key_record(&job.key))?) {
+                    Ok(state) => state,
+                    Err(corrupt) => return abort(corrupt),
+                };
+                let was_head = position == 0;
+                if was_head {
+                    match job.state {
+                        JobState::Pending => {
+                            outbox.remove(due_record(&job.upstream, job.next_attempt_at, id))?;
+                        }
+                        _ => {
+                            outbox.remove(blocked_record(&job.key))?;
+                        }
+                    }
+                }
+                end(&mut job);
+                Self::put(outbox, &job)?;
+                state.unfinished = state.unfinished.saturating_sub(1);
+                if state.unfinished == 0 {
+                    if next.is_some() {
+                        return reread();
+                    }
+                    outbox.remove(key_record(&job.key))?;
+                    return Ok(());
+                }
+                outbox.insert(key_record(&job.key), &state.encode())?;
+                if was_head {
+                    let Some((next_sequence, next_id)) = next else {
+                        // A job was added to the key after we read its queue.
+                        return reread();
+                    };
+                    if outbox.get(queue_record(&job.key, next_sequence))?.is_none() {
+                        return reread();
+                    }
+                    let next_job: Job = Self::load(outbox, next_id)?;
+                    outbox.insert(
+                        due_record(&next_job.upstream, next_job.next_attempt_at, next_id),
+                        &[],
+                    )?;
+                }
+                Ok(())
+            });
+            match result {
+                Ok(()) => return Ok(()),
+                Err(TransactionError::Abort(Attempt::Reread)) => continue,
+                Err(TransactionError::Abort(Attempt::Failed(e))) => return Err(e),
+                Err(TransactionError::Storage(e)) => return Err(self.storage_failed(e)),
+            }
+        }
+    }
+
+    /// The unfinished jobs of `key` in order: (sequence, job id).
+    fn key_queue(&self, key: &str) -> Result<Vec<(u64, u64)>, QueueError> {
+        let prefix = queue_prefix(key);
+        self.tree
+            .scan_prefix(&prefix)
+            .map(|entry| {
+                let (record, value) = self.store.check(entry)?;
+                let corrupt =
+                    |e: crate::store::keys::KeyError| QueueError::Corrupt(format!("queue: {e}"));
+                let sequence = decode_u64_key(&record[prefix.len()..]).map_err(corrupt)?;
+                let id = decode_u64_key(&value).map_err(corrupt)?;
+                Ok((sequence, id))
+            })
+            .collect()
+    }
+
+    fn transaction(
+        &self,
+        body: impl Fn(&TransactionalTree) -> ConflictableTransactionResult<(), QueueError>,
+    ) -> Result<(), QueueError> {
+        match self.tree.transaction(body) {
+            Ok(()) => Ok(()),
+            Err(TransactionError::Abort(e)) => Err(e),
+            Err(TransactionError::Storage(e)) => Err(self.storage_failed(e)),
+        }
+    }
+
+    /// A sled error fails the whole store (see [`Store::check`]).
+    fn storage_failed(&self, error: sled::Error) -> QueueError {
+        match self.store.check::<()>(Err(error)) {
+            Err(failed) => failed.into(),
+            Ok(()) => unreachable!("check passes errors through"),
+        }
+    }
+
+    fn load<E: From<QueueError>>(
+        outbox: &TransactionalTree,
+        id: u64,
+    ) -> ConflictableTransactionResult<Job, E> {
+        match outbox.get(job_record(id))? {
+            Some(bytes) => decode_job(&bytes).or_else(abort),
+            None => abort(QueueError::NotFound(id)),
+        }
+    }
+
+    /// A pending job that is its key's head, i.e. one that may be running.
+    fn running_head(
+        outbox: &TransactionalTree,
+        id: u64,
+    ) -> ConflictableTransactionResult<Job, QueueError> {
+        let job = Self::load(outbox, id)?;
+        let indexed = outbox
+            .get(due_record(&job.upstream, job.next_attempt_at, id))?
+            .is_some();
+        if job.state != JobState::Pending || !indexed {
+            return abort(QueueError::WrongState {
+                id,
+                state: job.state,
+            });
+        }
+        Ok(job)
+    }
+
+    fn put<E: From<QueueError>>(
+        outbox: &TransactionalTree,
+        job: &Job,
+    ) -> ConflictableTransactionResult<(), E> {
+        match job::encode(job) {
+            Ok(record) => {
+                outbox.insert(job_record(job.id), record)?;
+                Ok(())
+            }
+            Err(invalid) => abort(invalid),
+        }
+    }
+}

@@ -1,0 +1,351 @@
+//! The outbox's durable queue on a real store: per-key order, parking,
+//! atomic enqueue with a caller's records, and what survives a reopen.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::path::Path;
+
+use proptest::prelude::*;
+use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
+use smaregi_relay::outbox::job::{ErrorClass, JobError, JobState, NewJob};
+use smaregi_relay::outbox::queue::{Queue, QueueError};
+use smaregi_relay::store::{Store, StoreOptions, TreeName};
+
+fn open(directory: &Path) -> (Store, Queue) {
+    let store = Store::open(&StoreOptions {
+        directory: directory.to_path_buf(),
+        cache_capacity_bytes: 4 * 1024 * 1024,
+    })
+    .unwrap();
+    let queue = Queue::open(&store).unwrap();
+    (store, queue)
+}
+
+fn job(key: &str) -> NewJob {
+    NewJob {
+        kind: "test.deliver".into(),
+        upstream: "sink".into(),
+        key: key.into(),
+        payload: serde_json::json!({"v": 1}),
+    }
+}
+
+fn due(queue: &Queue, now: u64) -> Vec<u64> {
+    queue.due("sink", now, usize::MAX, |_| false).unwrap()
+}
+
+fn failure(at: u64) -> JobError {
+    JobError::new(ErrorClass::Retryable, "connection reset", at)
+}
+
+#[test]
+fn only_the_oldest_unfinished_job_of_a_key_may_run() {
+    let temp = tempfile::tempdir().unwrap();
+    let (_store, queue) = open(temp.path());
+    let a1 = queue.enqueue(&job("order:a"), 10).unwrap();
+    let a2 = queue.enqueue(&job("order:a"), 11).unwrap();
+    let b1 = queue.enqueue(&job("order:b"), 12).unwrap();
+    let a3 = queue.enqueue(&job("order:a"), 13).unwrap();
+    assert_eq!(due(&queue, 100), [a1, b1]);
+
+    queue.complete(a1, 100).unwrap();
+    assert_eq!(
+        due(&queue, 100),
+        [a2, b1],
+        "a2 was enqueued at 11, before b1 at 12"
+    );
+    queue.complete(a2, 101).unwrap();
+    queue.complete(b1, 102).unwrap();
+    assert_eq!(due(&queue, 200), [a3]);
+    queue.complete(a3, 103).unwrap();
+    assert!(due(&queue, u64::MAX).is_empty());
+
+    let done = queue.job(a1).unwrap().unwrap();
+    assert_eq!(
+        (done.state, done.attempts, done.finished_at),
+        (JobState::Done, 1, Some(100))
+    );
+    assert!(matches!(
+        queue.complete(a1, 104),
+        Err(QueueError::WrongState { .. })
+    ));
+}
+
+#[test]
+fn a_rescheduled_job_waits_for_its_time_and_keeps_its_history() {
+    let temp = tempfile::tempdir().unwrap();
+    let (_store, queue) = open(temp.path());
+    let id = queue.enqueue(&job("order:a"), 0).unwrap();
+    queue.reschedule(id, 5_000, failure(1)).unwrap();
+    assert!(due(&queue, 4_999).is_empty());
+    assert_eq!(queue.next_due("sink", |_| false).unwrap(), Some(5_000));
+    assert_eq!(due(&queue, 5_000), [id]);
+    let stored = queue.job(id).unwrap().unwrap();
+    assert_eq!(stored.attempts, 1);
+    assert_eq!(stored.last_error.unwrap().message, "connection reset");
+}
+
+#[test]
+fn a_parked_job_blocks_its_key_until_retried_or_discarded() {
+    let temp = tempfile::tempdir().unwrap();
+    let (_store, queue) = open(temp.path());
+    let a1 = queue.enqueue(&job("order:a"), 0).unwrap();
+    let a2 = queue.enqueue(&job("order:a"), 0).unwrap();
+    let b1 = queue.enqueue(&job("order:b"), 0).unwrap();
+    queue
+        .park(
+            a1,
+            JobError::new(ErrorClass::Permanent, "subtotal mismatch", 1),
+        )
+        .unwrap();
+
+    assert_eq!(due(&queue, 10), [b1], "a2 waits behind the parked a1");
+    assert_eq!(queue.blocked_keys().unwrap(), [("order:a".to_owned(), a1)]);
+
+    queue.retry_parked(a1, 20).unwrap();
+    assert!(queue.blocked_keys().unwrap().is_empty());
+    assert_eq!(due(&queue, 20), [b1, a1]);
+
+    queue
+        .park(a1, JobError::new(ErrorClass::Permanent, "again", 21))
+        .unwrap();
+    queue
+        .discard(a1, "registered by hand in Smaregi", 30)
+        .unwrap();
+    assert_eq!(
+        due(&queue, 30),
+        [a2, b1],
+        "a2 has waited since it was enqueued at 0"
+    );
+    let discarded = queue.job(a1).unwrap().unwrap();
+    assert_eq!(discarded.state, JobState::Discarded);
+    assert_eq!(discarded.attempts, 2);
+    let audit = queue.discards().unwrap();
+    assert_eq!(audit.len(), 1);
+    assert_eq!(
+        (audit[0].job, audit[0].reason.as_str()),
+        (a1, "registered by hand in Smaregi")
+    );
+}
+
+#[test]
+fn discarding_a_waiting_job_keeps_the_order_of_the_others() {
+    let temp = tempfile::tempdir().unwrap();
+    let (_store, queue) = open(temp.path());
+    let ids: Vec<u64> = (0..4)
+        .map(|_| queue.enqueue(&job("order:a"), 0).unwrap())
+        .collect();
+    queue.discard(ids[2], "duplicate", 1).unwrap();
+    let mut order = Vec::new();
+    while let Some(&head) = due(&queue, 10).first() {
+        order.push(head);
+        queue.complete(head, 10).unwrap();
+    }
+    assert_eq!(order, [ids[0], ids[1], ids[3]]);
+}
+
+#[test]
+fn running_jobs_can_be_left_out_of_the_due_list() {
+    let temp = tempfile::tempdir().unwrap();
+    let (_store, queue) = open(temp.path());
+    let a = queue.enqueue(&job("order:a"), 0).unwrap();
+    let b = queue.enqueue(&job("order:b"), 0).unwrap();
+    assert_eq!(queue.due("sink", 0, usize::MAX, |id| id == a).unwrap(), [b]);
+    assert_eq!(queue.due("sink", 0, 1, |_| false).unwrap(), [a]);
+    assert!(queue
+        .due("other-upstream", 0, usize::MAX, |_| false)
+        .unwrap()
+        .is_empty());
+}
+
+#[test]
+fn a_record_and_its_jobs_are_written_together_or_not_at_all() {
+    const ORDERS: TreeName = TreeName::new("orders");
+    let temp = tempfile::tempdir().unwrap();
+    let (store, queue) = open(temp.path());
+    let orders = store.tree(ORDERS).unwrap();
+    let id = store.generate_id().unwrap();
+
+    let failed: Result<(), TransactionError<&str>> =
+        (&orders, queue.tree()).transaction(|(orders, outbox)| {
+            orders.insert("order:a", "revision 1")?;
+            Queue::stage(outbox, id, &job("order:a"), 0)
+                .map_err(|_| ConflictableTransactionError::Abort("stage"))?;
+            Err(ConflictableTransactionError::Abort(
+                "the caller's own check failed",
+            ))
+        });
+    assert!(failed.is_err());
+    assert!(orders.get("order:a").unwrap().is_none());
+    assert!(queue.job(id).unwrap().is_none());
+    assert!(due(&queue, 0).is_empty());
+
+    (&orders, queue.tree())
+        .transaction(|(orders, outbox)| {
+            orders.insert("order:a", "revision 1")?;
+            Queue::stage(outbox, id, &job("order:a"), 0)
+                .map_err(|_| ConflictableTransactionError::Abort(()))?;
+            Ok(())
+        })
+        .unwrap();
+    assert!(orders.get("order:a").unwrap().is_some());
+    assert_eq!(due(&queue, 0), [id]);
+}
+
+#[test]
+fn invalid_jobs_are_refused_and_nothing_is_written() {
+    let temp = tempfile::tempdir().unwrap();
+    let (_store, queue) = open(temp.path());
+    let mut bad = job("has space");
+    assert!(matches!(
+        queue.enqueue(&bad, 0),
+        Err(QueueError::Invalid(_))
+    ));
+    bad = job("order:a");
+    bad.payload = serde_json::json!({"blob": "x".repeat(70 * 1024)});
+    assert!(matches!(
+        queue.enqueue(&bad, 0),
+        Err(QueueError::Invalid(_))
+    ));
+    assert!(due(&queue, u64::MAX).is_empty());
+}
+
+#[tokio::test]
+async fn committed_jobs_are_runnable_again_after_a_reopen() {
+    let temp = tempfile::tempdir().unwrap();
+    let (head, later) = {
+        let (store, queue) = open(temp.path());
+        let head = queue.enqueue(&job("order:a"), 0).unwrap();
+        let later = queue.enqueue(&job("order:a"), 0).unwrap();
+        queue.reschedule(head, 50, failure(1)).unwrap();
+        store.commit().await.unwrap();
+        store.close().await.unwrap();
+        (head, later)
+    };
+    let (_store, queue) = open(temp.path());
+    assert_eq!(
+        due(&queue, 50),
+        [head],
+        "a job that was running is simply due again"
+    );
+    queue.complete(head, 60).unwrap();
+    assert_eq!(due(&queue, 60), [later]);
+}
+
+/// An operation of the model-based test.
+#[derive(Debug, Clone)]
+enum Operation {
+    Enqueue(u8),
+    CompleteHead(u8),
+    RescheduleHead(u8, u64),
+    ParkHead(u8),
+    RetryParked(u8),
+    Discard(usize),
+}
+
+fn operation() -> impl Strategy<Value = Operation> {
+    prop_oneof![
+        3 => (0u8..3).prop_map(Operation::Enqueue),
+        2 => (0u8..3).prop_map(Operation::CompleteHead),
+        1 => ((0u8..3), 0u64..100).prop_map(|(k, at)| Operation::RescheduleHead(k, at)),
+        1 => (0u8..3).prop_map(Operation::ParkHead),
+        1 => (0u8..3).prop_map(Operation::RetryParked),
+        1 => any::<usize>().prop_map(Operation::Discard),
+    ]
+}
+
+/// The model: per key, the unfinished jobs in order and whether the head is parked.
+#[derive(Default)]
+struct Model {
+    keys: BTreeMap<String, (VecDeque<u64>, bool)>,
+    finished_in_order: BTreeMap<String, Vec<u64>>,
+    enqueued_in_order: BTreeMap<String, Vec<u64>>,
+    discarded: Vec<u64>,
+}
+
+impl Model {
+    fn runnable_heads(&self) -> Vec<u64> {
+        let mut heads: Vec<u64> = self
+            .keys
+            .values()
+            .filter(|(jobs, parked)| !parked && !jobs.is_empty())
+            .map(|(jobs, _)| jobs[0])
+            .collect();
+        heads.sort_unstable();
+        heads
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    #[test]
+    fn the_queue_behaves_like_per_key_fifos(operations in proptest::collection::vec(operation(), 1..60)) {
+        let temp = tempfile::tempdir().unwrap();
+        let (_store, queue) = open(temp.path());
+        let mut model = Model::default();
+        let now = 1_000;
+        for operation in operations {
+            let key_name = |k: u8| format!("order:{k}");
+            let head = |model: &Model, k: u8| model.keys.get(&key_name(k)).and_then(|(jobs, parked)| jobs.front().map(|&h| (h, *parked)));
+            match operation {
+                Operation::Enqueue(k) => {
+                    let id = queue.enqueue(&job(&key_name(k)), 0).unwrap();
+                    model.keys.entry(key_name(k)).or_default().0.push_back(id);
+                    model.enqueued_in_order.entry(key_name(k)).or_default().push(id);
+                }
+                Operation::CompleteHead(k) => {
+                    if let Some((id, false)) = head(&model, k) {
+                        queue.complete(id, now).unwrap();
+                        model.keys.get_mut(&key_name(k)).unwrap().0.pop_front();
+                        model.finished_in_order.entry(key_name(k)).or_default().push(id);
+                    }
+                }
+                Operation::RescheduleHead(k, at) => {
+                    if let Some((id, false)) = head(&model, k) {
+                        queue.reschedule(id, at, failure(now)).unwrap();
+                    }
+                }
+                Operation::ParkHead(k) => {
+                    if let Some((id, false)) = head(&model, k) {
+                        queue.park(id, failure(now)).unwrap();
+                        model.keys.get_mut(&key_name(k)).unwrap().1 = true;
+                    }
+                }
+                Operation::RetryParked(k) => {
+                    if let Some((id, true)) = head(&model, k) {
+                        queue.retry_parked(id, 0).unwrap();
+                        model.keys.get_mut(&key_name(k)).unwrap().1 = false;
+                    }
+                }
+                Operation::Discard(pick) => {
+                    let unfinished: Vec<(String, usize, u64)> = model.keys.iter()
+                        .flat_map(|(key, (jobs, _))| jobs.iter().enumerate().map(move |(i, &id)| (key.clone(), i, id)))
+                        .collect();
+                    if !unfinished.is_empty() {
+                        let (key, position, id) = unfinished[pick % unfinished.len()].clone();
+                        queue.discard(id, "test", now).unwrap();
+                        let (jobs, parked) = model.keys.get_mut(&key).unwrap();
+                        jobs.remove(position);
+                        if position == 0 {
+                            *parked = false;
+                        }
+                        model.discarded.push(id);
+                    }
+                }
+            }
+            let mut runnable = queue.due("sink", u64::MAX, usize::MAX, |_| false).unwrap();
+            runnable.sort_unstable();
+            prop_assert_eq!(runnable, model.runnable_heads());
+            let mut blocked: Vec<u64> = queue.blocked_keys().unwrap().into_iter().map(|(_, id)| id).collect();
+            blocked.sort_unstable();
+            let mut parked: Vec<u64> = model.keys.values().filter(|(jobs, parked)| *parked && !jobs.is_empty()).map(|(jobs, _)| jobs[0]).collect();
+            parked.sort_unstable();
+            prop_assert_eq!(blocked, parked);
+        }
+        // Every key finished its jobs in enqueue order.
+        for (key, finished) in &model.finished_in_order {
+            let expected: Vec<u64> = model.enqueued_in_order[key].iter().copied().filter(|id| finished.contains(id)).collect();
+            prop_assert_eq!(finished, &expected);
+        }
+    }
+}
