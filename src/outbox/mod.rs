@@ -10,11 +10,14 @@
 //!   jobs, parking, operator retry and discard, enqueue inside a caller's
 //!   transaction.
 //! - [`retry`]: when a failed job runs again, and when it is parked.
+//! - [`engine`]: runs the registered executor of each due job on a bounded
+//!   number of workers, applies the outcome, pauses an upstream on a
+//!   configuration failure.
 //!
-//! Still to come (issue 3): the async engine that runs executors on due
-//! jobs (workers, wake-ups, pause/resume of an upstream, rate limits),
-//! pruning of finished jobs, counts for status, and the kill test.
+//! Still to come (issue 3): per-upstream rate limits, pruning of finished
+//! jobs, counts for status, and the operator's list/show views.
 
+pub mod engine;
 pub mod job;
 pub mod queue;
 pub mod retry;

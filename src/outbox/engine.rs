@@ -1,0 +1,417 @@
+//! The engine: runs the executor of each due job, applies the outcome,
+//! and makes it durable.
+//!
+//! One scheduler task reads the runnable jobs of every upstream that is not
+//! paused ([`Queue::due`]) and starts attempts up to the worker count. It
+//! sleeps until the next job is due, an enqueue or a finished attempt wakes
+//! it, or the shutdown token is cancelled; it never polls.
+//!
+//! Outcomes: success completes the job; a retryable failure reschedules it
+//! by the [`RetryPolicy`] (or parks it when too old); a permanent failure,
+//! an undecodable payload or a panic parks it; a configuration failure
+//! pauses the job's whole upstream for [`PAUSE_PROBE_INTERVAL`] without
+//! charging the job, after which the next attempt probes it again.
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::{broadcast, Notify, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{error, info, warn};
+
+use super::job::{ErrorClass, Job, JobError, NewJob};
+use super::queue::{Queue, QueueError};
+use super::retry::{unix_millis, RetryDecision, RetryPolicy};
+use crate::config::OutboxConfig;
+use crate::store::{Store, StoreError};
+
+/// How long a configuration failure pauses an upstream before a probe.
+pub const PAUSE_PROBE_INTERVAL: Duration = Duration::from_secs(60);
+
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// The result of one attempt, as an executor classifies it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AttemptOutcome {
+    Success,
+    /// Try again later; `retry_after` is the upstream's own `Retry-After`.
+    Retry {
+        reason: String,
+        retry_after: Option<Duration>,
+    },
+    /// Trying again cannot help: park with the reason.
+    Permanent {
+        reason: String,
+    },
+    /// The payload no longer decodes: park with the reason.
+    Undecodable {
+        reason: String,
+    },
+    /// Credentials or configuration: pause the whole upstream.
+    Configuration {
+        reason: String,
+    },
+}
+
+/// Carries out the jobs of one kind.
+pub trait Executor: Send + Sync + 'static {
+    /// Runs one attempt. Must make a second attempt of the same job harmless.
+    fn execute<'a>(&'a self, job: &'a Job) -> BoxFuture<'a, AttemptOutcome>;
+}
+
+/// The time, as the engine sees it; tests substitute a controllable one.
+pub trait Clock: Send + Sync + 'static {
+    /// Unix milliseconds.
+    fn now(&self) -> u64;
+}
+
+/// The system's clock.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> u64 {
+        unix_millis(SystemTime::now())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("{0}")]
+    Queue(#[from] QueueError),
+    #[error("{0}")]
+    Store(#[from] StoreError),
+}
+
+/// What an attempt came to, once durable; see [`Engine::settled`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settled {
+    Done(u64),
+    Rescheduled(u64),
+    Parked(u64, ErrorClass),
+    /// The job's upstream was paused; the job was not charged an attempt.
+    UpstreamPaused(u64),
+}
+
+/// The longest the scheduler sleeps without a reason to wake.
+const IDLE_SLEEP: Duration = Duration::from_secs(3600);
+
+/// Why an upstream is paused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pause {
+    pub reason: String,
+    /// When the pause lapses and a probe runs; `None`: until resumed.
+    pub until: Option<u64>,
+}
+
+struct Registered {
+    upstream: String,
+    executor: Arc<dyn Executor>,
+}
+
+struct Inner {
+    store: Store,
+    queue: Queue,
+    policy: RetryPolicy,
+    clock: Arc<dyn Clock>,
+    executors: HashMap<String, Registered>,
+    upstreams: Vec<String>,
+    running: Mutex<HashSet<u64>>,
+    paused: Mutex<HashMap<String, Pause>>,
+    workers: Arc<Semaphore>,
+    wake: Notify,
+    settled: broadcast::Sender<Settled>,
+}
+
+/// The outbox engine. Cheap to clone.
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+/// Builds an [`Engine`]: register every executor, then [`EngineBuilder::build`].
+pub struct EngineBuilder {
+    store: Store,
+    queue: Queue,
+    policy: RetryPolicy,
+    workers: usize,
+    clock: Arc<dyn Clock>,
+    executors: HashMap<String, Registered>,
+}
+
+impl EngineBuilder {
+    pub fn new(store: &Store, config: &OutboxConfig) -> Result<Self, StoreError> {
+        Ok(Self {
+            queue: Queue::open(store)?,
+            store: store.clone(),
+            policy: RetryPolicy::from_config(config),
+            workers: usize::from(config.workers),
+            clock: Arc::new(SystemClock),
+            executors: HashMap::new(),
+        })
+    }
+
+    pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// Registers the executor of jobs of `kind`, which call `upstream`.
+    pub fn executor(mut self, kind: &str, upstream: &str, executor: Arc<dyn Executor>) -> Self {
+        self.executors.insert(
+            kind.to_owned(),
+            Registered {
+                upstream: upstream.to_owned(),
+                executor,
+            },
+        );
+        self
+    }
+
+    pub fn build(self) -> Engine {
+        let mut upstreams: Vec<String> = self
+            .executors
+            .values()
+            .map(|r| r.upstream.clone())
+            .collect();
+        upstreams.sort();
+        upstreams.dedup();
+        Engine {
+            inner: Arc::new(Inner {
+                store: self.store,
+                queue: self.queue,
+                policy: self.policy,
+                clock: self.clock,
+                executors: self.executors,
+                upstreams,
+                running: Mutex::new(HashSet::new()),
+                paused: Mutex::new(HashMap::new()),
+                workers: Arc::new(Semaphore::new(self.workers.max(1))),
+                wake: Notify::new(),
+                settled: broadcast::channel(1024).0,
+            }),
+        }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Engine {
+    pub fn queue(&self) -> &Queue {
+        &self.inner.queue
+    }
+
+    /// Enqueues a job and commits it; returns its id once durable.
+    pub async fn enqueue(&self, new: &NewJob) -> Result<u64, EngineError> {
+        let id = self.inner.queue.enqueue(new, self.inner.clock.now())?;
+        self.inner.store.commit().await?;
+        self.wake();
+        Ok(id)
+    }
+
+    /// Tells the scheduler that jobs may have become runnable, e.g. after a
+    /// caller committed jobs it staged in its own transaction.
+    pub fn wake(&self) {
+        self.inner.wake.notify_one();
+    }
+
+    /// Every attempt's outcome, once it is durable.
+    pub fn settled(&self) -> broadcast::Receiver<Settled> {
+        self.inner.settled.subscribe()
+    }
+
+    /// Stops delivering to `upstream` until [`Engine::resume`]; jobs keep queueing.
+    pub fn pause(&self, upstream: &str, reason: &str) {
+        let pause = Pause {
+            reason: reason.to_owned(),
+            until: None,
+        };
+        lock(&self.inner.paused).insert(upstream.to_owned(), pause);
+        info!(upstream, reason, "outbox: upstream paused by operator");
+    }
+
+    pub fn resume(&self, upstream: &str) {
+        if lock(&self.inner.paused).remove(upstream).is_some() {
+            info!(upstream, "outbox: upstream resumed");
+        }
+        self.wake();
+    }
+
+    /// The upstreams paused now, with why.
+    pub fn paused(&self) -> HashMap<String, Pause> {
+        lock(&self.inner.paused).clone()
+    }
+
+    /// Runs jobs until `shutdown` is cancelled, then waits for running attempts.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), EngineError> {
+        let attempts = TaskTracker::new();
+        let result = self.schedule(&shutdown, &attempts).await;
+        attempts.close();
+        attempts.wait().await;
+        result
+    }
+
+    async fn schedule(
+        &self,
+        shutdown: &CancellationToken,
+        attempts: &TaskTracker,
+    ) -> Result<(), EngineError> {
+        let inner = &self.inner;
+        loop {
+            let now = inner.clock.now();
+            let mut next_wake: Option<u64> = None;
+            for upstream in &inner.upstreams {
+                if let Some(until) = self.pause_of(upstream, now) {
+                    next_wake = min_some(next_wake, until);
+                    continue;
+                }
+                let free = inner.workers.available_permits();
+                let due = {
+                    let running = lock(&inner.running);
+                    inner
+                        .queue
+                        .due(upstream, now, free, |id| running.contains(&id))?
+                };
+                for id in due {
+                    let Ok(permit) = Arc::clone(&inner.workers).try_acquire_owned() else {
+                        break;
+                    };
+                    lock(&inner.running).insert(id);
+                    let engine = self.clone();
+                    attempts.spawn(async move {
+                        if let Err(e) = engine.attempt(id).await {
+                            error!(job = id, error = %e, "outbox: could not record an attempt");
+                        }
+                        lock(&engine.inner.running).remove(&id);
+                        drop(permit);
+                        engine.wake();
+                    });
+                }
+                let running = lock(&inner.running);
+                if let Some(due) = inner.queue.next_due(upstream, |id| running.contains(&id))? {
+                    next_wake = min_some(next_wake, due);
+                }
+            }
+            let sleep = next_wake.map_or(IDLE_SLEEP, |at| {
+                Duration::from_millis(at.saturating_sub(inner.clock.now()).max(1)).min(IDLE_SLEEP)
+            });
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                _ = inner.wake.notified() => {}
+                _ = tokio::time::sleep(sleep) => {}
+            }
+        }
+    }
+
+    /// When a paused upstream's pause lapses, or `None` if it is not paused.
+    fn pause_of(&self, upstream: &str, now: u64) -> Option<u64> {
+        let mut paused = lock(&self.inner.paused);
+        match paused.get(upstream) {
+            None => None,
+            Some(Pause {
+                until: Some(until), ..
+            }) if *until <= now => {
+                paused.remove(upstream);
+                info!(upstream, "outbox: pause lapsed; probing the upstream");
+                None
+            }
+            Some(pause) => Some(pause.until.unwrap_or(u64::MAX)),
+        }
+    }
+
+    async fn attempt(&self, id: u64) -> Result<(), EngineError> {
+        let inner = &self.inner;
+        let Some(job) = inner.queue.job(id)? else {
+            return Ok(());
+        };
+        let Some(registered) = inner.executors.get(&job.kind) else {
+            let reason = format!("no executor is registered for job kind `{}`", job.kind);
+            return self.park(&job, ErrorClass::Permanent, &reason).await;
+        };
+        // Its own task, so that a panic is caught as a join error.
+        let executor = Arc::clone(&registered.executor);
+        let attempted = job.clone();
+        let outcome = tokio::spawn(async move { executor.execute(&attempted).await }).await;
+        let now = inner.clock.now();
+        let settled = match outcome {
+            Ok(AttemptOutcome::Success) => {
+                inner.queue.complete(id, now)?;
+                Settled::Done(id)
+            }
+            Ok(AttemptOutcome::Retry {
+                reason,
+                retry_after,
+            }) => {
+                let failures = job.attempts + 1;
+                match inner.policy.decide(
+                    failures,
+                    job.created_at,
+                    now,
+                    retry_after,
+                    rand::random(),
+                ) {
+                    RetryDecision::RetryAt(at) => {
+                        let error = JobError::new(ErrorClass::Retryable, &reason, now);
+                        inner.queue.reschedule(id, at, error)?;
+                        Settled::Rescheduled(id)
+                    }
+                    RetryDecision::Park => {
+                        let reason = format!("still failing after the maximum age: {reason}");
+                        return self.park(&job, ErrorClass::TooOld, &reason).await;
+                    }
+                }
+            }
+            Ok(AttemptOutcome::Permanent { reason }) => {
+                return self.park(&job, ErrorClass::Permanent, &reason).await;
+            }
+            Ok(AttemptOutcome::Undecodable { reason }) => {
+                return self.park(&job, ErrorClass::Undecodable, &reason).await;
+            }
+            Ok(AttemptOutcome::Configuration { reason }) => {
+                let until = now + PAUSE_PROBE_INTERVAL.as_millis() as u64;
+                let upstream = &registered.upstream;
+                warn!(
+                    event = "upstream-paused",
+                    upstream,
+                    reason,
+                    "outbox: configuration or credential failure; delivery paused"
+                );
+                // An operator's pause stays as it is.
+                lock(&inner.paused)
+                    .entry(upstream.clone())
+                    .or_insert(Pause {
+                        reason,
+                        until: Some(until),
+                    });
+                let _ = inner.settled.send(Settled::UpstreamPaused(id));
+                return Ok(());
+            }
+            Err(join_error) => {
+                let reason = format!("the executor panicked: {join_error}");
+                return self.park(&job, ErrorClass::Panicked, &reason).await;
+            }
+        };
+        inner.store.commit().await?;
+        let _ = inner.settled.send(settled);
+        Ok(())
+    }
+
+    async fn park(&self, job: &Job, class: ErrorClass, reason: &str) -> Result<(), EngineError> {
+        warn!(event = "job-parked", job = job.id, kind = %job.kind, key = %job.key, reason, "outbox: job parked");
+        let error = JobError::new(class, reason, self.inner.clock.now());
+        self.inner.queue.park(job.id, error)?;
+        self.inner.store.commit().await?;
+        let _ = self.inner.settled.send(Settled::Parked(job.id, class));
+        Ok(())
+    }
+}
+
+fn min_some(current: Option<u64>, candidate: u64) -> Option<u64> {
+    Some(current.map_or(candidate, |current| current.min(candidate)))
+}

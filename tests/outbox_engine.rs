@@ -1,0 +1,393 @@
+//! The outbox engine on a real store, with test executors: every outcome
+//! class, per-key order under concurrency, Retry-After, parking by age on a
+//! controllable clock, and pausing an upstream on a configuration failure.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use smaregi_relay::config::OutboxConfig;
+use smaregi_relay::outbox::engine::{
+    AttemptOutcome, BoxFuture, Clock, Engine, EngineBuilder, Executor, Settled,
+    PAUSE_PROBE_INTERVAL,
+};
+use smaregi_relay::outbox::job::{ErrorClass, Job, JobState, NewJob};
+use smaregi_relay::store::{Store, StoreOptions};
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+
+const DEADLINE: Duration = Duration::from_secs(30);
+const UPSTREAM: &str = "sink";
+
+/// A clock the test sets.
+struct TestClock(AtomicU64);
+
+impl Clock for TestClock {
+    fn now(&self) -> u64 {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// An executor that answers from a function of the job and its attempt count.
+struct Scripted<F>(F);
+
+impl<F> Executor for Scripted<F>
+where
+    F: Fn(&Job) -> AttemptOutcome + Send + Sync + 'static,
+{
+    fn execute<'a>(&'a self, job: &'a Job) -> BoxFuture<'a, AttemptOutcome> {
+        Box::pin(async move { (self.0)(job) })
+    }
+}
+
+fn scripted(f: impl Fn(&Job) -> AttemptOutcome + Send + Sync + 'static) -> Arc<dyn Executor> {
+    Arc::new(Scripted(f))
+}
+
+struct Harness {
+    _temp: tempfile::TempDir,
+    engine: Engine,
+    settled: broadcast::Receiver<Settled>,
+    /// Events received while waiting for another job's.
+    backlog: Vec<Settled>,
+    shutdown: CancellationToken,
+    running: tokio::task::JoinHandle<()>,
+}
+
+impl Harness {
+    fn start(builder: impl FnOnce(EngineBuilder) -> EngineBuilder) -> Self {
+        let temp = tempfile::tempdir().unwrap();
+        let store = Store::open(&StoreOptions {
+            directory: temp.path().to_path_buf(),
+            cache_capacity_bytes: 4 * 1024 * 1024,
+        })
+        .unwrap();
+        let config = OutboxConfig {
+            workers: 8,
+            ..OutboxConfig::default()
+        };
+        let engine = builder(EngineBuilder::new(&store, &config).unwrap()).build();
+        let settled = engine.settled();
+        let shutdown = CancellationToken::new();
+        let running = tokio::spawn({
+            let (engine, shutdown) = (engine.clone(), shutdown.clone());
+            async move { engine.run(shutdown).await.unwrap() }
+        });
+        Self {
+            _temp: temp,
+            engine,
+            settled,
+            backlog: Vec::new(),
+            shutdown,
+            running,
+        }
+    }
+
+    async fn enqueue(&self, kind: &str, key: &str) -> u64 {
+        let job = NewJob {
+            kind: kind.into(),
+            upstream: UPSTREAM.into(),
+            key: key.into(),
+            payload: serde_json::json!({"v": 1}),
+        };
+        self.engine.enqueue(&job).await.unwrap()
+    }
+
+    /// The next settled outcome for `job`; other jobs' outcomes are kept.
+    async fn settled_for(&mut self, job: u64) -> Settled {
+        let of = |settled: &Settled| match *settled {
+            Settled::Done(id) | Settled::Rescheduled(id) | Settled::UpstreamPaused(id) => id,
+            Settled::Parked(id, _) => id,
+        };
+        if let Some(position) = self.backlog.iter().position(|s| of(s) == job) {
+            return self.backlog.remove(position);
+        }
+        tokio::time::timeout(DEADLINE, async {
+            loop {
+                let settled = self.settled.recv().await.unwrap();
+                if of(&settled) == job {
+                    return settled;
+                }
+                self.backlog.push(settled);
+            }
+        })
+        .await
+        .expect("the job settles")
+    }
+
+    /// Waits until every job of `ids` is done.
+    async fn all_done(&mut self, ids: &[u64]) {
+        let mut waiting: std::collections::HashSet<u64> = ids.iter().copied().collect();
+        tokio::time::timeout(DEADLINE, async {
+            while !waiting.is_empty() {
+                match self.settled.recv().await.unwrap() {
+                    Settled::Done(id) => {
+                        waiting.remove(&id);
+                    }
+                    other @ (Settled::Parked(..) | Settled::UpstreamPaused(_)) => {
+                        panic!("unexpected {other:?}")
+                    }
+                    Settled::Rescheduled(_) => {}
+                }
+            }
+        })
+        .await
+        .expect("every job is done");
+    }
+
+    fn job(&self, id: u64) -> Job {
+        self.engine.queue().job(id).unwrap().unwrap()
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        tokio::time::timeout(DEADLINE, self.running)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_outcome_class_ends_where_it_should() {
+    let mut harness = Harness::start(|builder| {
+        builder
+            .executor("t.success", UPSTREAM, scripted(|_| AttemptOutcome::Success))
+            .executor(
+                "t.permanent",
+                UPSTREAM,
+                scripted(|_| AttemptOutcome::Permanent {
+                    reason: "subtotal does not match".into(),
+                }),
+            )
+            .executor(
+                "t.undecodable",
+                UPSTREAM,
+                scripted(|_| AttemptOutcome::Undecodable {
+                    reason: "payload version 9 is unknown".into(),
+                }),
+            )
+            .executor("t.panics", UPSTREAM, scripted(|_| panic!("executor bug")))
+    });
+    let success = harness.enqueue("t.success", "k:1").await;
+    let permanent = harness.enqueue("t.permanent", "k:2").await;
+    let undecodable = harness.enqueue("t.undecodable", "k:3").await;
+    let panics = harness.enqueue("t.panics", "k:4").await;
+    let unknown = harness.enqueue("t.unregistered", "k:5").await;
+
+    assert_eq!(harness.settled_for(success).await, Settled::Done(success));
+    assert_eq!(harness.job(success).state, JobState::Done);
+    for (id, class) in [
+        (permanent, ErrorClass::Permanent),
+        (undecodable, ErrorClass::Undecodable),
+        (panics, ErrorClass::Panicked),
+    ] {
+        assert_eq!(harness.settled_for(id).await, Settled::Parked(id, class));
+        let job = harness.job(id);
+        assert_eq!(job.state, JobState::Parked);
+        assert_eq!(job.last_error.unwrap().class, class);
+    }
+    assert!(harness
+        .job(permanent)
+        .last_error
+        .unwrap()
+        .message
+        .contains("subtotal"));
+    // A job whose kind has no executor is parked too, with a reason that says so.
+    assert_eq!(
+        harness.settled_for(unknown).await,
+        Settled::Parked(unknown, ErrorClass::Permanent)
+    );
+    assert!(harness
+        .job(unknown)
+        .last_error
+        .unwrap()
+        .message
+        .contains("no executor"));
+
+    // The engine outlived the panic: a new job still runs.
+    let after = harness.enqueue("t.success", "k:6").await;
+    assert_eq!(harness.settled_for(after).await, Settled::Done(after));
+    harness.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_of_one_key_run_in_order_while_keys_run_concurrently() {
+    const KEYS: usize = 12;
+    const JOBS_PER_KEY: usize = 8;
+    let log: Arc<Mutex<HashMap<String, Vec<u64>>>> = Arc::default();
+    let concurrent = Arc::new(AtomicUsize::new(0));
+    let most_concurrent = Arc::new(AtomicUsize::new(0));
+    struct Recording {
+        log: Arc<Mutex<HashMap<String, Vec<u64>>>>,
+        concurrent: Arc<AtomicUsize>,
+        most_concurrent: Arc<AtomicUsize>,
+    }
+    impl Executor for Recording {
+        fn execute<'a>(&'a self, job: &'a Job) -> BoxFuture<'a, AttemptOutcome> {
+            Box::pin(async move {
+                let now = self.concurrent.fetch_add(1, Ordering::SeqCst) + 1;
+                self.most_concurrent.fetch_max(now, Ordering::SeqCst);
+                // Yield so that other attempts interleave with this one.
+                for _ in 0..3 {
+                    tokio::task::yield_now().await;
+                }
+                self.log
+                    .lock()
+                    .unwrap()
+                    .entry(job.key.clone())
+                    .or_default()
+                    .push(job.id);
+                self.concurrent.fetch_sub(1, Ordering::SeqCst);
+                AttemptOutcome::Success
+            })
+        }
+    }
+    let executor = Arc::new(Recording {
+        log: Arc::clone(&log),
+        concurrent: Arc::clone(&concurrent),
+        most_concurrent: Arc::clone(&most_concurrent),
+    });
+    let mut harness = Harness::start(|builder| builder.executor("t.record", UPSTREAM, executor));
+    let mut enqueued: HashMap<String, Vec<u64>> = HashMap::new();
+    for _ in 0..JOBS_PER_KEY {
+        for key in 0..KEYS {
+            let key = format!("order:{key}");
+            let id = harness.enqueue("t.record", &key).await;
+            enqueued.entry(key).or_default().push(id);
+        }
+    }
+    let all: Vec<u64> = enqueued.values().flatten().copied().collect();
+    harness.all_done(&all).await;
+    let log = log.lock().unwrap().clone();
+    assert_eq!(
+        log, enqueued,
+        "every key ran its jobs once each, in enqueue order"
+    );
+    assert!(
+        most_concurrent.load(Ordering::SeqCst) > 1,
+        "different keys ran concurrently"
+    );
+    harness.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_after_is_honoured() {
+    let clock = Arc::new(TestClock(AtomicU64::new(1_000_000)));
+    let mut harness = Harness::start(|builder| {
+        builder.clock(clock.clone()).executor(
+            "t.busy",
+            UPSTREAM,
+            scripted(|_| AttemptOutcome::Retry {
+                reason: "429 Too Many Requests".into(),
+                retry_after: Some(Duration::from_secs(3600)),
+            }),
+        )
+    });
+    let id = harness.enqueue("t.busy", "k:1").await;
+    assert_eq!(harness.settled_for(id).await, Settled::Rescheduled(id));
+    let job = harness.job(id);
+    assert!(
+        job.next_attempt_at >= 1_000_000 + 3_600_000,
+        "{}",
+        job.next_attempt_at
+    );
+    assert_eq!(job.attempts, 1);
+    assert_eq!(job.last_error.unwrap().class, ErrorClass::Retryable);
+    harness.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_failing_past_the_maximum_age_is_parked_not_dropped() {
+    const HOUR: u64 = 3_600_000;
+    let clock = Arc::new(TestClock(AtomicU64::new(HOUR)));
+    let mut harness = Harness::start(|builder| {
+        builder.clock(clock.clone()).executor(
+            "t.down",
+            UPSTREAM,
+            scripted(|_| AttemptOutcome::Retry {
+                reason: "connection refused".into(),
+                retry_after: None,
+            }),
+        )
+    });
+    let id = harness.enqueue("t.down", "k:1").await;
+    // The first retry is immediate; the second waits up to 5 s of the test clock.
+    assert_eq!(harness.settled_for(id).await, Settled::Rescheduled(id));
+    assert_eq!(harness.settled_for(id).await, Settled::Rescheduled(id));
+    clock.0.store(HOUR + 73 * HOUR, Ordering::SeqCst);
+    harness.engine.wake();
+    assert_eq!(
+        harness.settled_for(id).await,
+        Settled::Parked(id, ErrorClass::TooOld)
+    );
+    let job = harness.job(id);
+    assert_eq!(job.state, JobState::Parked);
+    assert!(job
+        .last_error
+        .unwrap()
+        .message
+        .contains("connection refused"));
+    harness.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configuration_failure_pauses_the_upstream_without_charging_the_job() {
+    let clock = Arc::new(TestClock(AtomicU64::new(5_000_000)));
+    let credentials_fixed = Arc::new(AtomicUsize::new(0));
+    let mut harness = Harness::start(|builder| {
+        let fixed = Arc::clone(&credentials_fixed);
+        builder.clock(clock.clone()).executor(
+            "t.auth",
+            UPSTREAM,
+            scripted(move |_| {
+                if fixed.load(Ordering::SeqCst) == 0 {
+                    AttemptOutcome::Configuration {
+                        reason: "error 21: authentication failed".into(),
+                    }
+                } else {
+                    AttemptOutcome::Success
+                }
+            }),
+        )
+    });
+    let id = harness.enqueue("t.auth", "k:1").await;
+    assert_eq!(harness.settled_for(id).await, Settled::UpstreamPaused(id));
+    let paused = harness.engine.paused();
+    assert!(
+        paused[UPSTREAM].reason.contains("authentication"),
+        "{paused:?}"
+    );
+    let job = harness.job(id);
+    assert_eq!(
+        (job.state, job.attempts),
+        (JobState::Pending, 0),
+        "not charged an attempt"
+    );
+
+    credentials_fixed.store(1, Ordering::SeqCst);
+    clock
+        .0
+        .fetch_add(PAUSE_PROBE_INTERVAL.as_millis() as u64, Ordering::SeqCst);
+    harness.engine.wake();
+    assert_eq!(harness.settled_for(id).await, Settled::Done(id));
+    assert!(harness.engine.paused().is_empty());
+    harness.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_pause_holds_jobs_until_resumed() {
+    let mut harness = Harness::start(|builder| {
+        builder.executor("t.success", UPSTREAM, scripted(|_| AttemptOutcome::Success))
+    });
+    harness
+        .engine
+        .pause(UPSTREAM, "稼働停止: stocktake in progress");
+    let id = harness.enqueue("t.success", "k:1").await;
+    assert_eq!(harness.engine.paused()[UPSTREAM].until, None);
+    assert_eq!(harness.job(id).state, JobState::Pending);
+    harness.engine.resume(UPSTREAM);
+    assert_eq!(harness.settled_for(id).await, Settled::Done(id));
+    harness.stop().await;
+}
