@@ -293,9 +293,13 @@ impl Engine {
                         engine.wake();
                     });
                 }
-                let running = lock(&inner.running);
-                if let Some(due) = inner.queue.next_due(upstream, |id| running.contains(&id))? {
-                    next_wake = min_some(next_wake, due);
+                // With every worker busy, a finishing attempt wakes us;
+                // looking for a due time would only find one already past.
+                if inner.workers.available_permits() > 0 {
+                    let running = lock(&inner.running);
+                    if let Some(due) = inner.queue.next_due(upstream, |id| running.contains(&id))? {
+                        next_wake = min_some(next_wake, due);
+                    }
                 }
             }
             let sleep = next_wake.map_or(IDLE_SLEEP, |at| {
