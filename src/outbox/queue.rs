@@ -266,11 +266,15 @@ impl Queue {
 
     /// A successful attempt: the job is done and the next of its key may run.
     pub fn complete(&self, id: u64, now: u64) -> Result<(), QueueError> {
-        self.finish(id, |job| {
-            job.attempts += 1;
-            job.state = JobState::Done;
-            job.finished_at = Some(now);
-        })
+        self.finish(
+            id,
+            |job| {
+                job.attempts += 1;
+                job.state = JobState::Done;
+                job.finished_at = Some(now);
+            },
+            |_| None,
+        )
     }
 
     /// A failed attempt to be tried again at `at`.
@@ -321,25 +325,28 @@ impl Queue {
         })
     }
 
-    /// An operator gives up on an unfinished job, with a reason kept for audit.
+    /// An operator gives up on an unfinished job, with a reason kept for
+    /// audit in the same transaction.
     pub fn discard(&self, id: u64, reason: &str, now: u64) -> Result<(), QueueError> {
-        self.finish(id, |job| {
-            job.state = JobState::Discarded;
-            job.last_error = Some(JobError::new(ErrorClass::Operator, reason, now));
-            job.finished_at = Some(now);
-        })?;
-        let job = self.job(id)?.ok_or(QueueError::NotFound(id))?;
-        let audit = DiscardRecord {
-            job: id,
-            key: job.key,
-            kind: job.kind,
-            reason: reason.to_owned(),
-            at: now,
-        };
-        let record = serde_json::to_vec(&audit).expect("an audit record serialises");
-        let key = prefixed(AUDIT, &[&u64_pair_key(now, id)]);
-        self.store.check(self.tree.insert(key, record))?;
-        Ok(())
+        self.finish(
+            id,
+            |job| {
+                job.state = JobState::Discarded;
+                job.last_error = Some(JobError::new(ErrorClass::Operator, reason, now));
+                job.finished_at = Some(now);
+            },
+            |job| {
+                let audit = DiscardRecord {
+                    job: id,
+                    key: job.key.clone(),
+                    kind: job.kind.clone(),
+                    reason: reason.to_owned(),
+                    at: now,
+                };
+                let record = serde_json::to_vec(&audit).expect("an audit record serialises");
+                Some((prefixed(AUDIT, &[&u64_pair_key(now, id)]), record))
+            },
+        )
     }
 
     /// Every discard, oldest first.
@@ -366,9 +373,15 @@ impl Queue {
             .collect()
     }
 
-    /// Ends an unfinished job (done or discarded) and, if it was its key's
-    /// head, makes the next job of the key runnable.
-    fn finish(&self, id: u64, end: impl Fn(&mut Job)) -> Result<(), QueueError> {
+    /// Ends an unfinished job (done or discarded), writes the record
+    /// `also` returns for it, and, if it was its key's head, makes the next
+    /// job of the key runnable; all in one transaction.
+    fn finish(
+        &self,
+        id: u64,
+        end: impl Fn(&mut Job),
+        also: impl Fn(&Job) -> Option<(Vec<u8>, Vec<u8>)>,
+    ) -> Result<(), QueueError> {
         loop {
             let job = self.job(id)?.ok_or(QueueError::NotFound(id))?;
             if !matches!(job.state, JobState::Pending | JobState::Parked) {
@@ -412,6 +425,9 @@ impl Queue {
                 }
                 end(&mut job);
                 Self::put(outbox, &job)?;
+                if let Some((key, value)) = also(&job) {
+                    outbox.insert(key, value)?;
+                }
                 state.unfinished = state.unfinished.saturating_sub(1);
                 if state.unfinished == 0 {
                     if next.is_some() {
