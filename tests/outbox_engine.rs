@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use smaregi_relay::config::OutboxConfig;
+use smaregi_relay::config::{OutboxConfig, RateLimit};
 use smaregi_relay::outbox::engine::{
     AttemptOutcome, BoxFuture, Clock, Engine, EngineBuilder, Executor, Settled,
     PAUSE_PROBE_INTERVAL,
@@ -57,16 +57,23 @@ struct Harness {
 
 impl Harness {
     fn start(builder: impl FnOnce(EngineBuilder) -> EngineBuilder) -> Self {
+        let config = OutboxConfig {
+            workers: 8,
+            ..OutboxConfig::default()
+        };
+        Self::start_with(config, builder)
+    }
+
+    fn start_with(
+        config: OutboxConfig,
+        builder: impl FnOnce(EngineBuilder) -> EngineBuilder,
+    ) -> Self {
         let temp = tempfile::tempdir().unwrap();
         let store = Store::open(&StoreOptions {
             directory: temp.path().to_path_buf(),
             cache_capacity_bytes: 4 * 1024 * 1024,
         })
         .unwrap();
-        let config = OutboxConfig {
-            workers: 8,
-            ..OutboxConfig::default()
-        };
         let engine = builder(EngineBuilder::new(&store, &config).unwrap()).build();
         let settled = engine.settled();
         let shutdown = CancellationToken::new();
@@ -85,9 +92,13 @@ impl Harness {
     }
 
     async fn enqueue(&self, kind: &str, key: &str) -> u64 {
+        self.enqueue_to(kind, UPSTREAM, key).await
+    }
+
+    async fn enqueue_to(&self, kind: &str, upstream: &str, key: &str) -> u64 {
         let job = NewJob {
             kind: kind.into(),
-            upstream: UPSTREAM.into(),
+            upstream: upstream.into(),
             key: key.into(),
             payload: serde_json::json!({"v": 1}),
         };
@@ -390,4 +401,63 @@ async fn an_operator_pause_holds_jobs_until_resumed() {
     harness.engine.resume(UPSTREAM);
     assert_eq!(harness.settled_for(id).await, Settled::Done(id));
     harness.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rate_limited_upstream_starts_jobs_at_its_pace() {
+    let clock = Arc::new(TestClock(AtomicU64::new(0)));
+    let mut config = OutboxConfig {
+        workers: 8,
+        ..OutboxConfig::default()
+    };
+    let limit = RateLimit {
+        per_second: 10.0,
+        burst: 1,
+    };
+    config.rate_limit.insert("limited".into(), limit);
+    let mut harness = Harness::start_with(config, |builder| {
+        builder
+            .clock(clock.clone())
+            .executor(
+                "t.limited",
+                "limited",
+                scripted(|_| AttemptOutcome::Success),
+            )
+            .executor("t.free", UPSTREAM, scripted(|_| AttemptOutcome::Success))
+    });
+    let first = harness.enqueue_to("t.limited", "limited", "k:1").await;
+    let second = harness.enqueue_to("t.limited", "limited", "k:2").await;
+    assert_eq!(harness.settled_for(first).await, Settled::Done(first));
+
+    // A later job of an unlimited upstream runs while `second` waits for a token.
+    let other = harness.enqueue("t.free", "k:3").await;
+    assert_eq!(harness.settled_for(other).await, Settled::Done(other));
+    let waiting = harness.job(second);
+    assert_eq!((waiting.state, waiting.attempts), (JobState::Pending, 0));
+
+    // 100 ms later (10 per second) the next token is there.
+    clock.0.store(100, Ordering::SeqCst);
+    harness.engine.wake();
+    assert_eq!(harness.settled_for(second).await, Settled::Done(second));
+    harness.stop().await;
+}
+
+#[test]
+fn smaregi_is_rate_limited_by_default_and_a_partial_table_keeps_that() {
+    let mut config = OutboxConfig::default();
+    assert_eq!(
+        config.rate_limit_for("smaregi"),
+        Some(smaregi_relay::config::defaults::SMAREGI_RATE_LIMIT)
+    );
+    assert_eq!(config.rate_limit_for("downstream"), None);
+    let limit = RateLimit {
+        per_second: 1.0,
+        burst: 2,
+    };
+    config.rate_limit.insert("downstream".into(), limit);
+    assert_eq!(config.rate_limit_for("downstream"), Some(limit));
+    assert_eq!(
+        config.rate_limit_for("smaregi"),
+        Some(smaregi_relay::config::defaults::SMAREGI_RATE_LIMIT)
+    );
 }

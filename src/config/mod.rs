@@ -20,6 +20,7 @@ mod diagnostic;
 pub mod secret;
 mod validate;
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::io;
 use std::net::SocketAddr;
@@ -63,6 +64,12 @@ pub mod defaults {
     /// … then every 2 h.
     pub const RETRY_REPEAT_SECONDS: u64 = 7200;
     pub const MAX_RETRY_AFTER_SECONDS: u64 = 6 * 3600;
+    /// Smaregi publishes no limits; integrators keep to a few writes per
+    /// second per contract (SMAREGI.md §1), shared by all its stores.
+    pub const SMAREGI_RATE_LIMIT: super::RateLimit = super::RateLimit {
+        per_second: 3.0,
+        burst: 3,
+    };
     /// Loopback only: metrics and the staff status page.
     pub const ADMIN_LISTEN_ADDRESS: SocketAddr =
         SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 9187);
@@ -221,6 +228,28 @@ pub struct OutboxConfig {
     pub retry_repeat_seconds: u64,
     /// The longest `Retry-After` from an upstream that is honoured.
     pub max_retry_after_seconds: u64,
+    /// How fast jobs may start, per upstream (`[outbox.rate-limit.NAME]`).
+    /// See [`OutboxConfig::rate_limit_for`] for the defaults.
+    pub rate_limit: BTreeMap<String, RateLimit>,
+}
+
+/// A token bucket: `burst` attempts at once, then `per-second`.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct RateLimit {
+    pub per_second: f64,
+    pub burst: u32,
+}
+
+impl OutboxConfig {
+    /// The limit of `upstream`: as configured; for `smaregi`, otherwise
+    /// [`defaults::SMAREGI_RATE_LIMIT`]; for others, none.
+    pub fn rate_limit_for(&self, upstream: &str) -> Option<RateLimit> {
+        self.rate_limit
+            .get(upstream)
+            .copied()
+            .or((upstream == "smaregi").then_some(defaults::SMAREGI_RATE_LIMIT))
+    }
 }
 
 impl Default for OutboxConfig {
@@ -231,6 +260,7 @@ impl Default for OutboxConfig {
             retry_schedule_seconds: defaults::RETRY_SCHEDULE_SECONDS.to_vec(),
             retry_repeat_seconds: defaults::RETRY_REPEAT_SECONDS,
             max_retry_after_seconds: defaults::MAX_RETRY_AFTER_SECONDS,
+            rate_limit: BTreeMap::new(),
         }
     }
 }

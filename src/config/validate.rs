@@ -207,6 +207,17 @@ impl Validate for OutboxConfig {
             &["outbox", "retry-repeat-seconds"],
             "must be at least 1".into(),
         );
+        for (upstream, limit) in &self.rate_limit {
+            check(
+                problems,
+                (0.01..=1000.0).contains(&limit.per_second) && (1..=1000).contains(&limit.burst),
+                &["outbox", "rate-limit"],
+                format!(
+                    "`{upstream}`: per-second must be 0.01 to 1000 and burst 1 to 1000, not {} and {}",
+                    limit.per_second, limit.burst
+                ),
+            );
+        }
     }
 }
 

@@ -6,6 +6,9 @@
 //! sleeps until the next job is due, an enqueue or a finished attempt wakes
 //! it, or the shutdown token is cancelled; it never polls.
 //!
+//! Each upstream may have a token bucket (`[outbox.rate-limit.NAME]`): a
+//! backlog then starts at the allowed pace, not all at once.
+//!
 //! Outcomes: success completes the job; a retryable failure reschedules it
 //! by the [`RetryPolicy`] (or parks it when too old); a permanent failure,
 //! an undecodable payload or a panic parks it; a configuration failure
@@ -25,6 +28,7 @@ use tracing::{error, info, warn};
 
 use super::job::{ErrorClass, Job, JobError, NewJob};
 use super::queue::{Queue, QueueError};
+use super::rate::TokenBucket;
 use super::retry::{unix_millis, RetryDecision, RetryPolicy};
 use crate::config::OutboxConfig;
 use crate::store::{Store, StoreError};
@@ -123,6 +127,7 @@ struct Inner {
     running: Mutex<HashSet<u64>>,
     paused: Mutex<HashMap<String, Pause>>,
     workers: Arc<Semaphore>,
+    buckets: Mutex<HashMap<String, TokenBucket>>,
     wake: Notify,
     settled: broadcast::Sender<Settled>,
 }
@@ -138,6 +143,7 @@ pub struct EngineBuilder {
     store: Store,
     queue: Queue,
     policy: RetryPolicy,
+    config: OutboxConfig,
     workers: usize,
     clock: Arc<dyn Clock>,
     executors: HashMap<String, Registered>,
@@ -149,6 +155,7 @@ impl EngineBuilder {
             queue: Queue::open(store)?,
             store: store.clone(),
             policy: RetryPolicy::from_config(config),
+            config: config.clone(),
             workers: usize::from(config.workers),
             clock: Arc::new(SystemClock),
             executors: HashMap::new(),
@@ -180,6 +187,17 @@ impl EngineBuilder {
             .collect();
         upstreams.sort();
         upstreams.dedup();
+        let now = self.clock.now();
+        let buckets = upstreams
+            .iter()
+            .filter_map(|upstream| {
+                let limit = self.config.rate_limit_for(upstream)?;
+                Some((
+                    upstream.clone(),
+                    TokenBucket::new(limit.per_second, limit.burst, now),
+                ))
+            })
+            .collect();
         Engine {
             inner: Arc::new(Inner {
                 store: self.store,
@@ -191,6 +209,7 @@ impl EngineBuilder {
                 running: Mutex::new(HashSet::new()),
                 paused: Mutex::new(HashMap::new()),
                 workers: Arc::new(Semaphore::new(self.workers.max(1))),
+                buckets: Mutex::new(buckets),
                 wake: Notify::new(),
                 settled: broadcast::channel(1024).0,
             }),
@@ -271,7 +290,14 @@ impl Engine {
                     next_wake = min_some(next_wake, until);
                     continue;
                 }
-                let free = inner.workers.available_permits();
+                let mut free = inner.workers.available_permits();
+                if let Some(bucket) = lock(&inner.buckets).get_mut(upstream) {
+                    let tokens = bucket.available(now) as usize;
+                    if tokens < free {
+                        free = tokens;
+                        next_wake = min_some(next_wake, bucket.ready_at(now));
+                    }
+                }
                 let due = {
                     let running = lock(&inner.running);
                     inner
@@ -282,6 +308,9 @@ impl Engine {
                     let Ok(permit) = Arc::clone(&inner.workers).try_acquire_owned() else {
                         break;
                     };
+                    if let Some(bucket) = lock(&inner.buckets).get_mut(upstream) {
+                        bucket.try_take(now);
+                    }
                     lock(&inner.running).insert(id);
                     let engine = self.clone();
                     attempts.spawn(async move {

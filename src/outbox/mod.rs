@@ -14,10 +14,13 @@
 //!   number of workers, applies the outcome, pauses an upstream on a
 //!   configuration failure.
 //!
-//! Still to come (issue 3): per-upstream rate limits, pruning of finished
-//! jobs, counts for status, and the operator's list/show views.
+//! - [`rate`]: token buckets that pace the attempts per upstream.
+//!
+//! Still to come (issue 3): pruning of finished jobs, counts for status,
+//! and the operator's list/show views.
 
 pub mod engine;
 pub mod job;
 pub mod queue;
+pub mod rate;
 pub mod retry;
