@@ -461,3 +461,28 @@ fn smaregi_is_rate_limited_by_default_and_a_partial_table_keeps_that() {
         Some(smaregi_relay::config::defaults::SMAREGI_RATE_LIMIT)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn done_jobs_are_pruned_once_past_the_retention() {
+    const HOUR: u64 = 3_600_000;
+    let clock = Arc::new(TestClock(AtomicU64::new(HOUR)));
+    let mut harness = Harness::start(|builder| {
+        builder.clock(clock.clone()).executor(
+            "t.success",
+            UPSTREAM,
+            scripted(|_| AttemptOutcome::Success),
+        )
+    });
+    let id = harness.enqueue("t.success", "k:1").await;
+    assert_eq!(harness.settled_for(id).await, Settled::Done(id));
+    let retention = OutboxConfig::default().retention_hours * HOUR;
+
+    clock.0.store(HOUR + retention - 1, Ordering::SeqCst);
+    assert_eq!(harness.engine.prune_finished().await.unwrap(), 0);
+    assert!(harness.engine.queue().job(id).unwrap().is_some());
+
+    clock.0.store(HOUR + retention + 1, Ordering::SeqCst);
+    assert_eq!(harness.engine.prune_finished().await.unwrap(), 1);
+    assert!(harness.engine.queue().job(id).unwrap().is_none());
+    harness.stop().await;
+}

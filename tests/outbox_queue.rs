@@ -349,3 +349,40 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn finished_jobs_are_pruned_after_their_retention_and_unfinished_ones_never() {
+    let temp = tempfile::tempdir().unwrap();
+    let (_store, queue) = open(temp.path());
+    let done = queue.enqueue(&job("order:a"), 0).unwrap();
+    queue.complete(done, 100).unwrap();
+    let discarded = queue.enqueue(&job("order:b"), 0).unwrap();
+    queue.discard(discarded, "duplicate", 200).unwrap();
+    let pending = queue.enqueue(&job("order:c"), 0).unwrap();
+    let parked = queue.enqueue(&job("order:d"), 0).unwrap();
+    queue.park(parked, failure(1)).unwrap();
+
+    assert_eq!(queue.prune_finished(150, 100).unwrap(), 1);
+    assert!(queue.job(done).unwrap().is_none());
+    assert!(
+        queue.job(discarded).unwrap().is_some(),
+        "finished at 200, after the cut-off"
+    );
+
+    assert_eq!(
+        queue.prune_finished(u64::MAX, 0).unwrap(),
+        0,
+        "the limit holds"
+    );
+    assert_eq!(queue.prune_finished(u64::MAX, 100).unwrap(), 1);
+    assert!(queue.job(discarded).unwrap().is_none());
+    assert_eq!(queue.discards().unwrap().len(), 1, "the audit record stays");
+
+    assert!(queue.job(pending).unwrap().is_some());
+    assert!(queue.job(parked).unwrap().is_some());
+    assert_eq!(due(&queue, 0), [pending]);
+    assert_eq!(
+        queue.blocked_keys().unwrap(),
+        [("order:d".to_owned(), parked)]
+    );
+}

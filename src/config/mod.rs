@@ -64,6 +64,8 @@ pub mod defaults {
     /// … then every 2 h.
     pub const RETRY_REPEAT_SECONDS: u64 = 7200;
     pub const MAX_RETRY_AFTER_SECONDS: u64 = 6 * 3600;
+    /// A week of finished jobs.
+    pub const OUTBOX_RETENTION_HOURS: u64 = 7 * 24;
     /// Smaregi publishes no limits; integrators keep to a few writes per
     /// second per contract (SMAREGI.md §1), shared by all its stores.
     pub const SMAREGI_RATE_LIMIT: super::RateLimit = super::RateLimit {
@@ -228,6 +230,8 @@ pub struct OutboxConfig {
     pub retry_repeat_seconds: u64,
     /// The longest `Retry-After` from an upstream that is honoured.
     pub max_retry_after_seconds: u64,
+    /// Done and discarded jobs are kept this long (for `outbox show`), then pruned.
+    pub retention_hours: u64,
     /// How fast jobs may start, per upstream (`[outbox.rate-limit.NAME]`).
     /// See [`OutboxConfig::rate_limit_for`] for the defaults.
     pub rate_limit: BTreeMap<String, RateLimit>,
@@ -260,6 +264,7 @@ impl Default for OutboxConfig {
             retry_schedule_seconds: defaults::RETRY_SCHEDULE_SECONDS.to_vec(),
             retry_repeat_seconds: defaults::RETRY_REPEAT_SECONDS,
             max_retry_after_seconds: defaults::MAX_RETRY_AFTER_SECONDS,
+            retention_hours: defaults::OUTBOX_RETENTION_HOURS,
             rate_limit: BTreeMap::new(),
         }
     }

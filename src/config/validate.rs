@@ -207,6 +207,12 @@ impl Validate for OutboxConfig {
             &["outbox", "retry-repeat-seconds"],
             "must be at least 1".into(),
         );
+        check(
+            problems,
+            self.retention_hours >= 1,
+            &["outbox", "retention-hours"],
+            "must be at least 1".into(),
+        );
         for (upstream, limit) in &self.rate_limit {
             check(
                 problems,

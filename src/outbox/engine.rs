@@ -101,6 +101,11 @@ pub enum Settled {
     UpstreamPaused(u64),
 }
 
+/// How often finished jobs past their retention are pruned.
+pub const PRUNE_INTERVAL: Duration = Duration::from_secs(3600);
+/// Jobs pruned per batch.
+const PRUNE_CHUNK: usize = 10_000;
+
 /// The longest the scheduler sleeps without a reason to wake.
 const IDLE_SLEEP: Duration = Duration::from_secs(3600);
 
@@ -128,6 +133,7 @@ struct Inner {
     paused: Mutex<HashMap<String, Pause>>,
     workers: Arc<Semaphore>,
     buckets: Mutex<HashMap<String, TokenBucket>>,
+    retention: Duration,
     wake: Notify,
     settled: broadcast::Sender<Settled>,
 }
@@ -210,6 +216,7 @@ impl EngineBuilder {
                 paused: Mutex::new(HashMap::new()),
                 workers: Arc::new(Semaphore::new(self.workers.max(1))),
                 buckets: Mutex::new(buckets),
+                retention: Duration::from_secs(self.config.retention_hours * 3600),
                 wake: Notify::new(),
                 settled: broadcast::channel(1024).0,
             }),
@@ -267,13 +274,46 @@ impl Engine {
         lock(&self.inner.paused).clone()
     }
 
-    /// Runs jobs until `shutdown` is cancelled, then waits for running attempts.
+    /// Runs jobs, and prunes finished ones every [`PRUNE_INTERVAL`], until
+    /// `shutdown` is cancelled; then waits for running attempts.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), EngineError> {
         let attempts = TaskTracker::new();
-        let result = self.schedule(&shutdown, &attempts).await;
+        let result = tokio::select! {
+            result = self.schedule(&shutdown, &attempts) => result,
+            result = self.prune_periodically(&shutdown) => result,
+        };
         attempts.close();
         attempts.wait().await;
         result
+    }
+
+    /// Removes done and discarded jobs older than `retention-hours`; returns how many.
+    pub async fn prune_finished(&self) -> Result<usize, EngineError> {
+        let retention = self.inner.retention.as_millis() as u64;
+        let before = self.inner.clock.now().saturating_sub(retention);
+        let mut total = 0;
+        loop {
+            let pruned = self.inner.queue.prune_finished(before, PRUNE_CHUNK)?;
+            self.inner.store.commit().await?;
+            total += pruned;
+            if pruned < PRUNE_CHUNK {
+                return Ok(total);
+            }
+        }
+    }
+
+    async fn prune_periodically(&self, shutdown: &CancellationToken) -> Result<(), EngineError> {
+        let mut every = tokio::time::interval(PRUNE_INTERVAL);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                _ = every.tick() => {}
+            }
+            let pruned = self.prune_finished().await?;
+            if pruned > 0 {
+                info!(pruned, "outbox: pruned finished jobs past their retention");
+            }
+        }
     }
 
     async fn schedule(

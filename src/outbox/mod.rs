@@ -12,12 +12,12 @@
 //! - [`retry`]: when a failed job runs again, and when it is parked.
 //! - [`engine`]: runs the registered executor of each due job on a bounded
 //!   number of workers, applies the outcome, pauses an upstream on a
-//!   configuration failure.
+//!   configuration failure, prunes finished jobs past their retention.
 //!
 //! - [`rate`]: token buckets that pace the attempts per upstream.
 //!
-//! Still to come (issue 3): pruning of finished jobs, counts for status,
-//! and the operator's list/show views.
+//! Still to come (issue 3): counts for status and the operator's list/show
+//! views, the soak test and the `outbox` benchmark.
 
 pub mod engine;
 pub mod job;

@@ -11,6 +11,7 @@
 //! | `D` upstream `␀` due id | — | the **head** of each key that may run, by due time |
 //! | `B` key | job id | keys blocked by a parked head |
 //! | `A` time id | audit (JSON) | discards by an operator |
+//! | `F` time id | — | finished (done or discarded) jobs by finish time, for pruning |
 //!
 //! Only the head (oldest unfinished job) of a key is ever in `D`, so one
 //! job per key runs at a time, and the scheduler reads the runnable jobs in
@@ -42,6 +43,7 @@ const QUEUE: u8 = b'Q';
 const DUE: u8 = b'D';
 const BLOCKED: u8 = b'B';
 const AUDIT: u8 = b'A';
+const FINISHED: u8 = b'F';
 
 #[derive(Debug, thiserror::Error)]
 pub enum QueueError {
@@ -361,6 +363,26 @@ impl Queue {
             .collect()
     }
 
+    /// Removes up to `limit` jobs that finished before `before`; returns
+    /// how many. Reads only the jobs it removes. Durable after a commit.
+    pub fn prune_finished(&self, before: u64, limit: usize) -> Result<usize, QueueError> {
+        let mut batch = sled::Batch::default();
+        let mut pruned = 0;
+        for entry in self.tree.scan_prefix([FINISHED]) {
+            let (key, _) = self.store.check(entry)?;
+            let (finished_at, id) = decode_u64_pair_key(&key[1..])
+                .map_err(|e| QueueError::Corrupt(format!("finished index: {e}")))?;
+            if finished_at >= before || pruned == limit {
+                break;
+            }
+            batch.remove(key);
+            batch.remove(job_record(id));
+            pruned += 1;
+        }
+        self.store.check(self.tree.apply_batch(batch))?;
+        Ok(pruned)
+    }
+
     /// Keys whose head is parked, with that job's id.
     pub fn blocked_keys(&self) -> Result<Vec<(String, u64)>, QueueError> {
         self.tree
@@ -427,6 +449,9 @@ impl Queue {
                 Self::put(outbox, &job)?;
                 if let Some((key, value)) = also(&job) {
                     outbox.insert(key, value)?;
+                }
+                if let Some(finished_at) = job.finished_at {
+                    outbox.insert(prefixed(FINISHED, &[&u64_pair_key(finished_at, id)]), &[])?;
                 }
                 state.unfinished = state.unfinished.saturating_sub(1);
                 if state.unfinished == 0 {
