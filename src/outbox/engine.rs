@@ -332,11 +332,7 @@ impl Engine {
                 }
                 let mut free = inner.workers.available_permits();
                 if let Some(bucket) = lock(&inner.buckets).get_mut(upstream) {
-                    let tokens = bucket.available(now) as usize;
-                    if tokens < free {
-                        free = tokens;
-                        next_wake = min_some(next_wake, bucket.ready_at(now));
-                    }
+                    free = free.min(bucket.available(now) as usize);
                 }
                 let due = {
                     let running = lock(&inner.running);
@@ -362,9 +358,16 @@ impl Engine {
                         engine.wake();
                     });
                 }
-                // With every worker busy, a finishing attempt wakes us;
-                // looking for a due time would only find one already past.
-                if inner.workers.available_permits() > 0 {
+                // Out of tokens, the next token is when this upstream may
+                // start again. With every worker busy, a finishing attempt
+                // wakes us. In both cases the next due time may already be
+                // past, and sleeping until it would poll.
+                let token_at = lock(&inner.buckets)
+                    .get_mut(upstream)
+                    .and_then(|bucket| (bucket.available(now) == 0).then(|| bucket.ready_at(now)));
+                if let Some(token_at) = token_at {
+                    next_wake = min_some(next_wake, token_at);
+                } else if inner.workers.available_permits() > 0 {
                     let running = lock(&inner.running);
                     if let Some(due) = inner.queue.next_due(upstream, |id| running.contains(&id))? {
                         next_wake = min_some(next_wake, due);
