@@ -17,7 +17,7 @@ use std::process::{Child, Command, Stdio};
 use libtest_mimic::{Arguments, Failed, Trial};
 use rand::Rng;
 use smaregi_relay::store::keys::u64_key;
-use smaregi_relay::store::{Store, StoreError, StoreOptions, TreeName};
+use smaregi_relay::store::{Store, StoreError, TreeName};
 
 mod common;
 
@@ -50,13 +50,6 @@ fn main() {
     libtest_mimic::run(&args, trials).exit();
 }
 
-fn options(directory: &Path) -> StoreOptions {
-    StoreOptions {
-        directory: directory.to_path_buf(),
-        cache_capacity_bytes: 8 * 1024 * 1024,
-    }
-}
-
 fn payload(id: u64, len: usize) -> Vec<u8> {
     id.to_le_bytes().iter().copied().cycle().take(len).collect()
 }
@@ -72,7 +65,7 @@ fn commit_until_killed(directory: PathBuf, payload_len: usize) -> ! {
         .build()
         .unwrap();
     let failure = runtime.block_on(async move {
-        let store = match Store::open(&options(&directory)) {
+        let store = match Store::open(&common::store_options(&directory)) {
             Ok(store) => store,
             Err(e) => return e,
         };
@@ -152,7 +145,8 @@ fn read_ids(
 
 /// Opens the store and checks every acknowledged record.
 fn verify(directory: &Path, acknowledged: &[u64], payload_len: usize) -> Result<(), String> {
-    let store = Store::open(&options(directory)).map_err(|e| format!("reopen failed: {e}"))?;
+    let store = Store::open(&common::store_options(directory))
+        .map_err(|e| format!("reopen failed: {e}"))?;
     let records = store.tree(RECORDS).map_err(|e| e.to_string())?;
     for &id in acknowledged {
         match records.get(u64_key(id)).map_err(|e| e.to_string())? {

@@ -10,10 +10,7 @@ use smaregi_relay::exit;
 use smaregi_relay::store::{Store, StoreOptions};
 
 fn store_options(state: &Path) -> StoreOptions {
-    StoreOptions {
-        directory: state.join("db"),
-        cache_capacity_bytes: 1024 * 1024,
-    }
+    common::store_options(&state.join("db"))
 }
 
 #[test]

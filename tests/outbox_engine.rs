@@ -13,9 +13,11 @@ use smaregi_relay::outbox::engine::{
     PAUSE_PROBE_INTERVAL,
 };
 use smaregi_relay::outbox::job::{ErrorClass, Job, JobState, NewJob};
-use smaregi_relay::store::{Store, StoreOptions};
+use smaregi_relay::store::Store;
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
+
+mod common;
 
 const DEADLINE: Duration = Duration::from_secs(30);
 const UPSTREAM: &str = "sink";
@@ -69,11 +71,7 @@ impl Harness {
         builder: impl FnOnce(EngineBuilder) -> EngineBuilder,
     ) -> Self {
         let temp = tempfile::tempdir().unwrap();
-        let store = Store::open(&StoreOptions {
-            directory: temp.path().to_path_buf(),
-            cache_capacity_bytes: 4 * 1024 * 1024,
-        })
-        .unwrap();
+        let store = Store::open(&common::store_options(temp.path())).unwrap();
         let engine = builder(EngineBuilder::new(&store, &config).unwrap()).build();
         let settled = engine.settled();
         let shutdown = CancellationToken::new();
@@ -107,17 +105,13 @@ impl Harness {
 
     /// The next settled outcome for `job`; other jobs' outcomes are kept.
     async fn settled_for(&mut self, job: u64) -> Settled {
-        let of = |settled: &Settled| match *settled {
-            Settled::Done(id) | Settled::Rescheduled(id) | Settled::UpstreamPaused(id) => id,
-            Settled::Parked(id, _) => id,
-        };
-        if let Some(position) = self.backlog.iter().position(|s| of(s) == job) {
+        if let Some(position) = self.backlog.iter().position(|s| s.job() == job) {
             return self.backlog.remove(position);
         }
         tokio::time::timeout(DEADLINE, async {
             loop {
                 let settled = self.settled.recv().await.unwrap();
-                if of(&settled) == job {
+                if settled.job() == job {
                     return settled;
                 }
                 self.backlog.push(settled);

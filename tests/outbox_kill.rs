@@ -21,7 +21,7 @@ use smaregi_relay::config::OutboxConfig;
 use smaregi_relay::outbox::engine::{AttemptOutcome, BoxFuture, EngineBuilder, Executor};
 use smaregi_relay::outbox::job::{Job, NewJob};
 use smaregi_relay::outbox::queue::Queue;
-use smaregi_relay::store::{Store, StoreOptions};
+use smaregi_relay::store::Store;
 use tokio_util::sync::CancellationToken;
 
 mod common;
@@ -47,13 +47,6 @@ fn main() {
             .with_ignored_flag(true),
     ];
     libtest_mimic::run(&args, trials).exit();
-}
-
-fn options(directory: &Path) -> StoreOptions {
-    StoreOptions {
-        directory: directory.to_path_buf(),
-        cache_capacity_bytes: 8 * 1024 * 1024,
-    }
 }
 
 /// Posts the job's payload to the sink; any 2xx is success.
@@ -95,7 +88,7 @@ fn drain_until_killed(directory: PathBuf, sink: String) -> ! {
         .build()
         .unwrap();
     runtime.block_on(async move {
-        let store = Store::open(&options(&directory)).unwrap();
+        let store = Store::open(&common::store_options(&directory)).unwrap();
         let config = OutboxConfig {
             workers: 8,
             ..OutboxConfig::default()
@@ -295,7 +288,7 @@ fn enqueue_jobs(directory: &Path, jobs_per_key: u64) {
         .build()
         .unwrap();
     runtime.block_on(async {
-        let store = Store::open(&options(directory)).unwrap();
+        let store = Store::open(&common::store_options(directory)).unwrap();
         let queue = Queue::open(&store).unwrap();
         for seq in 0..jobs_per_key {
             for key in 0..KEYS {

@@ -8,14 +8,12 @@ use proptest::prelude::*;
 use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
 use smaregi_relay::outbox::job::{ErrorClass, JobError, JobState, NewJob};
 use smaregi_relay::outbox::queue::{Queue, QueueError};
-use smaregi_relay::store::{Store, StoreOptions, TreeName};
+use smaregi_relay::store::{Store, TreeName};
+
+mod common;
 
 fn open(directory: &Path) -> (Store, Queue) {
-    let store = Store::open(&StoreOptions {
-        directory: directory.to_path_buf(),
-        cache_capacity_bytes: 4 * 1024 * 1024,
-    })
-    .unwrap();
+    let store = Store::open(&common::store_options(directory)).unwrap();
     let queue = Queue::open(&store).unwrap();
     (store, queue)
 }

@@ -1,29 +1,21 @@
 //! The store against a real sled database on disk.
 
-use std::path::Path;
 use std::sync::Arc;
 
 use smaregi_relay::store::keys::u64_key;
-use smaregi_relay::store::{Store, StoreError, StoreOptions, TreeName, SCHEMA_VERSION};
+use smaregi_relay::store::{Store, StoreError, TreeName, SCHEMA_VERSION};
 use tokio::sync::Barrier;
 
 mod common;
 
 const RECORDS: TreeName = TreeName::new("records");
 
-fn options(directory: &Path) -> StoreOptions {
-    StoreOptions {
-        directory: directory.to_path_buf(),
-        cache_capacity_bytes: 8 * 1024 * 1024,
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_committers_share_syncs_and_all_become_durable() {
     const COMMITTERS: u64 = 64;
     // On disk: on a tmpfs /tmp a sync costs nothing and rounds need not be shared.
     let temp = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
-    let store = Store::open(&options(temp.path())).unwrap();
+    let store = Store::open(&common::store_options(temp.path())).unwrap();
     let syncs_before = store.sync_count();
     let all_written = Arc::new(Barrier::new(COMMITTERS as usize));
     let mut tasks = tokio::task::JoinSet::new();
@@ -51,7 +43,7 @@ async fn concurrent_committers_share_syncs_and_all_become_durable() {
     store.close().await.unwrap();
     drop(store);
 
-    let reopened = Store::open(&options(temp.path())).unwrap();
+    let reopened = Store::open(&common::store_options(temp.path())).unwrap();
     let records = reopened.tree(RECORDS).unwrap();
     assert_eq!(records.len() as u64, COMMITTERS);
 }
@@ -59,8 +51,8 @@ async fn concurrent_committers_share_syncs_and_all_become_durable() {
 #[tokio::test]
 async fn a_second_open_is_refused_while_the_store_is_locked() {
     let temp = tempfile::tempdir().unwrap();
-    let _first = Store::open(&options(temp.path())).unwrap();
-    let error = Store::open(&options(temp.path())).unwrap_err();
+    let _first = Store::open(&common::store_options(temp.path())).unwrap();
+    let error = Store::open(&common::store_options(temp.path())).unwrap_err();
     assert!(matches!(error, StoreError::Locked { .. }), "{error:?}");
     let message = error.to_string();
     assert!(
@@ -74,8 +66,8 @@ async fn a_second_open_is_refused_while_the_store_is_locked() {
 #[tokio::test]
 async fn the_lock_is_released_when_the_store_is_dropped() {
     let temp = tempfile::tempdir().unwrap();
-    drop(Store::open(&options(temp.path())).unwrap());
-    Store::open(&options(temp.path())).unwrap();
+    drop(Store::open(&common::store_options(temp.path())).unwrap());
+    Store::open(&common::store_options(temp.path())).unwrap();
 }
 
 #[tokio::test]
@@ -87,7 +79,7 @@ async fn another_schema_version_is_refused_naming_both_versions() {
         meta.insert("schema-version", &99u32.to_be_bytes()).unwrap();
         db.flush().unwrap();
     }
-    let error = Store::open(&options(temp.path())).unwrap_err();
+    let error = Store::open(&common::store_options(temp.path())).unwrap_err();
     let message = error.to_string();
     assert!(
         matches!(
@@ -111,7 +103,7 @@ async fn a_database_of_someone_else_is_not_taken_over() {
         db.open_tree("orders").unwrap().insert("k", "v").unwrap();
         db.flush().unwrap();
     }
-    let error = Store::open(&options(temp.path())).unwrap_err();
+    let error = Store::open(&common::store_options(temp.path())).unwrap_err();
     assert!(matches!(error, StoreError::NotAStore { .. }), "{error:?}");
 }
 
@@ -121,7 +113,7 @@ async fn an_unwritable_directory_is_named_in_the_error() {
     let file = temp.path().join("a-file");
     std::fs::write(&file, "").unwrap();
     let directory = file.join("db");
-    let error = Store::open(&options(&directory)).unwrap_err();
+    let error = Store::open(&common::store_options(&directory)).unwrap_err();
     assert!(matches!(error, StoreError::NotWritable { .. }), "{error:?}");
     assert!(
         error.to_string().contains(&directory.display().to_string()),
@@ -133,7 +125,7 @@ async fn an_unwritable_directory_is_named_in_the_error() {
 #[tokio::test]
 async fn commits_after_close_fail_instead_of_claiming_durability() {
     let temp = tempfile::tempdir().unwrap();
-    let store = Store::open(&options(temp.path())).unwrap();
+    let store = Store::open(&common::store_options(temp.path())).unwrap();
     let other_handle = store.clone();
     store.close().await.unwrap();
     let error = other_handle.commit().await.unwrap_err();
@@ -143,12 +135,12 @@ async fn commits_after_close_fail_instead_of_claiming_durability() {
 #[tokio::test]
 async fn generated_ids_increase_across_reopen() {
     let temp = tempfile::tempdir().unwrap();
-    let store = Store::open(&options(temp.path())).unwrap();
+    let store = Store::open(&common::store_options(temp.path())).unwrap();
     let first = store.generate_id().unwrap();
     let second = store.generate_id().unwrap();
     assert!(second > first);
     store.close().await.unwrap();
     drop(store);
-    let store = Store::open(&options(temp.path())).unwrap();
+    let store = Store::open(&common::store_options(temp.path())).unwrap();
     assert!(store.generate_id().unwrap() > second);
 }

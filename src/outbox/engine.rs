@@ -106,6 +106,18 @@ pub const PRUNE_INTERVAL: Duration = Duration::from_secs(3600);
 /// Jobs pruned per batch.
 const PRUNE_CHUNK: usize = 10_000;
 
+impl Settled {
+    /// The job the outcome is about.
+    pub fn job(&self) -> u64 {
+        match *self {
+            Self::Done(id)
+            | Self::Rescheduled(id)
+            | Self::Parked(id, _)
+            | Self::UpstreamPaused(id) => id,
+        }
+    }
+}
+
 /// The longest the scheduler sleeps without a reason to wake.
 const IDLE_SLEEP: Duration = Duration::from_secs(3600);
 
@@ -148,9 +160,7 @@ pub struct Engine {
 pub struct EngineBuilder {
     store: Store,
     queue: Queue,
-    policy: RetryPolicy,
     config: OutboxConfig,
-    workers: usize,
     clock: Arc<dyn Clock>,
     executors: HashMap<String, Registered>,
 }
@@ -160,9 +170,7 @@ impl EngineBuilder {
         Ok(Self {
             queue: Queue::open(store)?,
             store: store.clone(),
-            policy: RetryPolicy::from_config(config),
             config: config.clone(),
-            workers: usize::from(config.workers),
             clock: Arc::new(SystemClock),
             executors: HashMap::new(),
         })
@@ -208,13 +216,13 @@ impl EngineBuilder {
             inner: Arc::new(Inner {
                 store: self.store,
                 queue: self.queue,
-                policy: self.policy,
+                policy: RetryPolicy::from_config(&self.config),
                 clock: self.clock,
                 executors: self.executors,
                 upstreams,
                 running: Mutex::new(HashSet::new()),
                 paused: Mutex::new(HashMap::new()),
-                workers: Arc::new(Semaphore::new(self.workers.max(1))),
+                workers: Arc::new(Semaphore::new(usize::from(self.config.workers).max(1))),
                 buckets: Mutex::new(buckets),
                 retention: Duration::from_secs(self.config.retention_hours * 3600),
                 wake: Notify::new(),

@@ -193,6 +193,14 @@ pub fn run_relay(args: &[&str], envs: &[(&str, &Path)]) -> (i32, String, String)
     )
 }
 
+/// Options for a test store in `directory`, with a small cache.
+pub fn store_options(directory: &Path) -> smaregi_relay::store::StoreOptions {
+    smaregi_relay::store::StoreOptions {
+        directory: directory.to_path_buf(),
+        cache_capacity_bytes: 8 * 1024 * 1024,
+    }
+}
+
 /// Opens a sled database directly, as a foreign or older program would.
 ///
 /// Without sled's background flusher: its thread can outlive the dropped
