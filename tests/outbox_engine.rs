@@ -48,7 +48,8 @@ fn scripted(f: impl Fn(&Job) -> AttemptOutcome + Send + Sync + 'static) -> Arc<d
 }
 
 struct Harness {
-    _temp: tempfile::TempDir,
+    temp: tempfile::TempDir,
+    config: OutboxConfig,
     engine: Engine,
     settled: broadcast::Receiver<Settled>,
     /// Events received while waiting for another job's.
@@ -70,9 +71,32 @@ impl Harness {
         config: OutboxConfig,
         builder: impl FnOnce(EngineBuilder) -> EngineBuilder,
     ) -> Self {
-        let temp = tempfile::tempdir().unwrap();
+        Self::start_in(tempfile::tempdir().unwrap(), config, builder)
+    }
+
+    /// Stops the engine, closes its store, and starts both again.
+    async fn restart(self, builder: impl FnOnce(EngineBuilder) -> EngineBuilder) -> Self {
+        let store = self.engine.store().clone();
+        let (temp, config) = (self.temp, self.config);
+        self.shutdown.cancel();
+        tokio::time::timeout(DEADLINE, self.running)
+            .await
+            .unwrap()
+            .unwrap();
+        store.close().await.unwrap();
+        drop((store, self.engine));
+        Self::start_in(temp, config, builder)
+    }
+
+    fn start_in(
+        temp: tempfile::TempDir,
+        config: OutboxConfig,
+        builder: impl FnOnce(EngineBuilder) -> EngineBuilder,
+    ) -> Self {
         let store = Store::open(&common::store_options(temp.path())).unwrap();
-        let engine = builder(EngineBuilder::new(&store, &config).unwrap()).build();
+        let engine = builder(EngineBuilder::new(&store, &config).unwrap())
+            .build()
+            .unwrap();
         let settled = engine.settled();
         let shutdown = CancellationToken::new();
         let running = tokio::spawn({
@@ -80,7 +104,8 @@ impl Harness {
             async move { engine.run(shutdown).await.unwrap() }
         });
         Self {
-            _temp: temp,
+            temp,
+            config,
             engine,
             settled,
             backlog: Vec::new(),
@@ -381,19 +406,101 @@ async fn a_configuration_failure_pauses_the_upstream_without_charging_the_job() 
     harness.stop().await;
 }
 
+fn with_two_upstreams(builder: EngineBuilder) -> EngineBuilder {
+    builder
+        .executor("t.success", UPSTREAM, scripted(|_| AttemptOutcome::Success))
+        .executor("t.other", "other", scripted(|_| AttemptOutcome::Success))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_operator_pause_holds_jobs_until_resumed() {
-    let mut harness = Harness::start(|builder| {
-        builder.executor("t.success", UPSTREAM, scripted(|_| AttemptOutcome::Success))
-    });
+async fn an_operator_pause_holds_jobs_until_resumed_also_across_restarts() {
+    let mut harness = Harness::start(with_two_upstreams);
+    let reason = "稼働停止: stocktake in progress";
+    harness.engine.pause(UPSTREAM, reason).await.unwrap();
+    let held = harness.enqueue("t.success", "k:1").await;
+    // The scheduler pass that delivers this job saw the held one too.
+    let other = harness.enqueue_to("t.other", "other", "k:2").await;
+    assert_eq!(harness.settled_for(other).await, Settled::Done(other));
+    let job = harness.job(held);
+    assert_eq!((job.state, job.attempts), (JobState::Pending, 0));
+
+    let mut harness = harness.restart(with_two_upstreams).await;
+    let paused = harness.engine.paused();
+    assert_eq!(paused[UPSTREAM].reason, reason);
+    assert_eq!(paused[UPSTREAM].until, None, "until resumed");
+    assert!(!paused.contains_key("other"));
+    let status = harness.engine.status().unwrap();
+    assert_eq!(status.total(JobState::Pending), 1);
+
+    harness.engine.resume(UPSTREAM).await.unwrap();
+    assert_eq!(harness.settled_for(held).await, Settled::Done(held));
+    let harness = harness.restart(with_two_upstreams).await;
+    assert!(harness.engine.paused().is_empty(), "the resume is durable");
+    harness.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operators_retry_parked_jobs_one_or_all_and_discard_with_an_audit() {
+    let failing = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let executor = {
+        let failing = Arc::clone(&failing);
+        scripted(move |_| {
+            if failing.load(Ordering::SeqCst) {
+                AttemptOutcome::Permanent {
+                    reason: "商品が存在しません (product not found)".into(),
+                }
+            } else {
+                AttemptOutcome::Success
+            }
+        })
+    };
+    let mut harness = Harness::start(|builder| builder.executor("t.flaky", UPSTREAM, executor));
+    let mut parked = Vec::new();
+    for key in ["order:1", "order:2", "order:3", "order:4"] {
+        let id = harness.enqueue("t.flaky", key).await;
+        assert!(matches!(harness.settled_for(id).await, Settled::Parked(..)));
+        parked.push(id);
+    }
+    let behind = harness.enqueue("t.flaky", "order:1").await;
+    let status = harness.engine.status().unwrap();
+    assert_eq!(status.total(JobState::Parked), 4);
+    assert_eq!(status.total(JobState::Pending), 1);
+    assert_eq!(status.blocked_keys.len(), 4);
+    assert_eq!(status.oldest_pending.as_ref().map(|o| o.id), Some(behind));
+
+    assert!(
+        harness.engine.retry(behind).await.is_err(),
+        "a job cannot jump ahead of its key's parked head"
+    );
+    failing.store(false, Ordering::SeqCst);
+    harness.engine.retry(parked[0]).await.unwrap();
+    assert_eq!(
+        harness.settled_for(parked[0]).await,
+        Settled::Done(parked[0])
+    );
+    assert_eq!(harness.settled_for(behind).await, Settled::Done(behind));
+
     harness
         .engine
-        .pause(UPSTREAM, "稼働停止: stocktake in progress");
-    let id = harness.enqueue("t.success", "k:1").await;
-    assert_eq!(harness.engine.paused()[UPSTREAM].until, None);
-    assert_eq!(harness.job(id).state, JobState::Pending);
-    harness.engine.resume(UPSTREAM);
-    assert_eq!(harness.settled_for(id).await, Settled::Done(id));
+        .discard(parked[1], "二重注文 (duplicate order)")
+        .await
+        .unwrap();
+    assert_eq!(harness.job(parked[1]).state, JobState::Discarded);
+    let audit = harness.engine.queue().discards().unwrap();
+    assert_eq!(audit.len(), 1);
+    assert_eq!(
+        (audit[0].job, audit[0].reason.as_str()),
+        (parked[1], "二重注文 (duplicate order)")
+    );
+
+    assert_eq!(harness.engine.retry_all_parked().await.unwrap(), 2);
+    harness.all_done(&parked[2..]).await;
+    let status = harness.engine.status().unwrap();
+    assert_eq!(status.total(JobState::Done), 4);
+    assert_eq!(status.total(JobState::Discarded), 1);
+    assert_eq!(status.total(JobState::Parked), 0);
+    assert!(status.blocked_keys.is_empty());
+    assert!(status.oldest_pending.is_none());
     harness.stop().await;
 }
 

@@ -19,8 +19,8 @@ use libtest_mimic::{Arguments, Failed, Trial};
 use rand::Rng;
 use smaregi_relay::config::OutboxConfig;
 use smaregi_relay::outbox::engine::{AttemptOutcome, BoxFuture, EngineBuilder, Executor};
-use smaregi_relay::outbox::job::{Job, NewJob};
-use smaregi_relay::outbox::queue::Queue;
+use smaregi_relay::outbox::job::{Job, JobState, NewJob};
+use smaregi_relay::outbox::queue::{Counts, ListFilter, Queue};
 use smaregi_relay::store::Store;
 use tokio_util::sync::CancellationToken;
 
@@ -100,7 +100,8 @@ fn drain_until_killed(directory: PathBuf, sink: String) -> ! {
         let engine = EngineBuilder::new(&store, &config)
             .unwrap()
             .executor("test.deliver", "sink", executor)
-            .build();
+            .build()
+            .unwrap();
         engine.run(CancellationToken::new()).await.unwrap();
     });
     unreachable!("the engine runs until the process is killed")
@@ -250,6 +251,7 @@ fn kill_cycles(cycles: usize) -> Result<(), Failed> {
         return Err(format!("{} of {total} jobs delivered", distinct_of(&deliveries)).into());
     }
     check_key_order(&deliveries)?;
+    check_counts_agree_with_jobs(&directory, total)?;
     println!(
         "{kills} SIGKILLs; {total} jobs over {} deliveries ({} repeated after a kill), in key order",
         deliveries.len(),
@@ -282,12 +284,58 @@ fn check_key_order(deliveries: &[Delivery]) -> Result<(), String> {
     Ok(())
 }
 
-fn enqueue_jobs(directory: &Path, jobs_per_key: u64) {
-    let runtime = tokio::runtime::Builder::new_current_thread()
+/// After all the kills, the counts and the state index still say what
+/// the job records say.
+fn check_counts_agree_with_jobs(directory: &Path, total: usize) -> Result<(), String> {
+    let store = Store::open(&common::store_options(directory)).unwrap();
+    let queue = Queue::open(&store).unwrap();
+    let all = ListFilter {
+        limit: usize::MAX,
+        ..ListFilter::default()
+    };
+    let jobs = queue.list(&all).unwrap();
+    if jobs.len() != total {
+        return Err(format!("{} job records, expected {total}", jobs.len()));
+    }
+    let mut tally: Counts = Counts::new();
+    for job in &jobs {
+        *tally.entry((job.state, job.kind.clone())).or_default() += 1;
+    }
+    let counts = queue.counts().unwrap();
+    if counts != tally {
+        return Err(format!("counts {counts:?} but the jobs say {tally:?}"));
+    }
+    let pending: Vec<u64> = jobs
+        .iter()
+        .filter(|job| job.state == JobState::Pending)
+        .map(|job| job.id)
+        .collect();
+    let indexed: Vec<u64> = queue
+        .list(&ListFilter {
+            state: Some(JobState::Pending),
+            ..all
+        })
+        .unwrap()
+        .iter()
+        .map(|job| job.id)
+        .collect();
+    if indexed != pending {
+        return Err(format!("state index {indexed:?}, pending jobs {pending:?}"));
+    }
+    drop(queue);
+    current_thread_runtime().block_on(store.close()).unwrap();
+    Ok(())
+}
+
+fn current_thread_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .unwrap();
-    runtime.block_on(async {
+        .unwrap()
+}
+
+fn enqueue_jobs(directory: &Path, jobs_per_key: u64) {
+    current_thread_runtime().block_on(async {
         let store = Store::open(&common::store_options(directory)).unwrap();
         let queue = Queue::open(&store).unwrap();
         for seq in 0..jobs_per_key {

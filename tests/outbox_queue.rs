@@ -7,7 +7,7 @@ use std::path::Path;
 use proptest::prelude::*;
 use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
 use smaregi_relay::outbox::job::{ErrorClass, JobError, JobState, NewJob};
-use smaregi_relay::outbox::queue::{Queue, QueueError};
+use smaregi_relay::outbox::queue::{ListFilter, Queue, QueueError};
 use smaregi_relay::store::{Store, TreeName};
 
 mod common;
@@ -99,7 +99,7 @@ fn a_parked_job_blocks_its_key_until_retried_or_discarded() {
     assert_eq!(due(&queue, 10), [b1], "a2 waits behind the parked a1");
     assert_eq!(queue.blocked_keys().unwrap(), [("order:a".to_owned(), a1)]);
 
-    queue.retry_parked(a1, 20).unwrap();
+    queue.retry(a1, 20).unwrap();
     assert!(queue.blocked_keys().unwrap().is_empty());
     assert_eq!(due(&queue, 20), [b1, a1]);
 
@@ -271,6 +271,54 @@ impl Model {
         heads.sort_unstable();
         heads
     }
+
+    fn parked_heads(&self) -> Vec<u64> {
+        let mut heads: Vec<u64> = self
+            .keys
+            .values()
+            .filter(|(jobs, parked)| *parked && !jobs.is_empty())
+            .map(|(jobs, _)| jobs[0])
+            .collect();
+        heads.sort_unstable();
+        heads
+    }
+
+    fn pending(&self) -> Vec<u64> {
+        let parked = self.parked_heads();
+        let mut pending: Vec<u64> = self
+            .keys
+            .values()
+            .flat_map(|(jobs, _)| jobs.iter().copied())
+            .filter(|id| !parked.contains(id))
+            .collect();
+        pending.sort_unstable();
+        pending
+    }
+
+    fn done(&self) -> usize {
+        self.finished_in_order.values().map(Vec::len).sum()
+    }
+}
+
+fn ids(jobs: Vec<smaregi_relay::outbox::job::Job>) -> Vec<u64> {
+    jobs.into_iter().map(|job| job.id).collect()
+}
+
+fn listed(queue: &Queue, state: Option<JobState>) -> Vec<u64> {
+    let filter = ListFilter {
+        state,
+        limit: usize::MAX,
+        ..ListFilter::default()
+    };
+    ids(queue.list(&filter).unwrap())
+}
+
+fn count(queue: &Queue, state: JobState) -> usize {
+    let counts = queue.counts().unwrap();
+    counts
+        .get(&(state, "test.deliver".to_owned()))
+        .copied()
+        .unwrap_or(0) as usize
 }
 
 proptest! {
@@ -311,7 +359,7 @@ proptest! {
                 }
                 Operation::RetryParked(k) => {
                     if let Some((id, true)) = head(&model, k) {
-                        queue.retry_parked(id, 0).unwrap();
+                        queue.retry(id, 0).unwrap();
                         model.keys.get_mut(&key_name(k)).unwrap().1 = false;
                     }
                 }
@@ -336,9 +384,15 @@ proptest! {
             prop_assert_eq!(runnable, model.runnable_heads());
             let mut blocked: Vec<u64> = queue.blocked_keys().unwrap().into_iter().map(|(_, id)| id).collect();
             blocked.sort_unstable();
-            let mut parked: Vec<u64> = model.keys.values().filter(|(jobs, parked)| *parked && !jobs.is_empty()).map(|(jobs, _)| jobs[0]).collect();
-            parked.sort_unstable();
-            prop_assert_eq!(blocked, parked);
+            prop_assert_eq!(&blocked, &model.parked_heads());
+            // The counts and the state index agree with the jobs.
+            prop_assert_eq!(listed(&queue, Some(JobState::Parked)), model.parked_heads());
+            prop_assert_eq!(listed(&queue, Some(JobState::Pending)), model.pending());
+            prop_assert_eq!(count(&queue, JobState::Parked), model.parked_heads().len());
+            prop_assert_eq!(count(&queue, JobState::Pending), model.pending().len());
+            prop_assert_eq!(count(&queue, JobState::Done), model.done());
+            prop_assert_eq!(count(&queue, JobState::Discarded), model.discarded.len());
+            prop_assert_eq!(queue.oldest_pending().unwrap().map(|o| o.id), model.pending().first().copied());
         }
         // Every key finished its jobs in enqueue order.
         for (key, finished) in &model.finished_in_order {
@@ -374,6 +428,14 @@ fn finished_jobs_are_pruned_after_their_retention_and_unfinished_ones_never() {
     );
     assert_eq!(queue.prune_finished(u64::MAX, 100).unwrap(), 1);
     assert!(queue.job(discarded).unwrap().is_none());
+    assert_eq!(
+        count(&queue, JobState::Done),
+        0,
+        "pruned jobs leave the counts"
+    );
+    assert_eq!(count(&queue, JobState::Discarded), 0);
+    assert_eq!(count(&queue, JobState::Pending), 1);
+    assert_eq!(count(&queue, JobState::Parked), 1);
     assert_eq!(queue.discards().unwrap().len(), 1, "the audit record stays");
 
     assert!(queue.job(pending).unwrap().is_some());
@@ -383,4 +445,127 @@ fn finished_jobs_are_pruned_after_their_retention_and_unfinished_ones_never() {
         queue.blocked_keys().unwrap(),
         [("order:d".to_owned(), parked)]
     );
+}
+
+#[test]
+fn listings_filter_by_state_kind_and_key_and_page_by_id() {
+    let temp = tempfile::tempdir().unwrap();
+    let (_store, queue) = open(temp.path());
+    let mut all = Vec::new();
+    for i in 0..10 {
+        let mut new = job(&format!("order:{}", i % 3));
+        if i % 2 == 1 {
+            new.kind = "test.other".into();
+        }
+        all.push(queue.enqueue(&new, i).unwrap());
+    }
+    queue.complete(all[0], 50).unwrap();
+    queue.park(all[1], failure(60)).unwrap();
+
+    assert_eq!(listed(&queue, None), all);
+    assert_eq!(listed(&queue, Some(JobState::Done)), [all[0]]);
+    assert_eq!(listed(&queue, Some(JobState::Parked)), [all[1]]);
+    assert_eq!(listed(&queue, Some(JobState::Pending)), all[2..]);
+
+    let by_kind = ListFilter {
+        kind: Some("test.other".into()),
+        limit: usize::MAX,
+        ..ListFilter::default()
+    };
+    assert_eq!(
+        ids(queue.list(&by_kind).unwrap()),
+        [all[1], all[3], all[5], all[7], all[9]]
+    );
+    let by_key = ListFilter {
+        key: Some("order:1".into()),
+        state: Some(JobState::Pending),
+        limit: usize::MAX,
+        ..ListFilter::default()
+    };
+    assert_eq!(ids(queue.list(&by_key).unwrap()), [all[4], all[7]]);
+
+    // Pages of three, each after the last id of the one before.
+    let mut pages = Vec::new();
+    let mut after = None;
+    loop {
+        let page = ids(queue
+            .list(&ListFilter {
+                after,
+                limit: 3,
+                ..ListFilter::default()
+            })
+            .unwrap());
+        if page.is_empty() {
+            break;
+        }
+        assert!(page.len() <= 3);
+        after = page.last().copied();
+        pages.extend(page);
+    }
+    assert_eq!(pages, all);
+
+    let counts = queue.counts().unwrap();
+    assert_eq!(counts[&(JobState::Pending, "test.deliver".to_owned())], 4);
+    assert_eq!(counts[&(JobState::Pending, "test.other".to_owned())], 4);
+    assert_eq!(counts[&(JobState::Done, "test.deliver".to_owned())], 1);
+    assert_eq!(counts[&(JobState::Parked, "test.other".to_owned())], 1);
+    assert_eq!(counts.len(), 4);
+    let oldest = queue.oldest_pending().unwrap().unwrap();
+    assert_eq!((oldest.id, oldest.created_at), (all[2], 2));
+}
+
+#[test]
+fn retry_now_brings_a_waiting_head_forward_but_never_jumps_its_key() {
+    let temp = tempfile::tempdir().unwrap();
+    let (_store, queue) = open(temp.path());
+    let head = queue.enqueue(&job("order:a"), 0).unwrap();
+    let behind = queue.enqueue(&job("order:a"), 0).unwrap();
+    queue.reschedule(head, 7_200_000, failure(10)).unwrap();
+    assert!(due(&queue, 100).is_empty(), "waiting two hours");
+
+    assert!(matches!(
+        queue.retry(behind, 100),
+        Err(QueueError::NotHead { head: h, .. }) if h == head
+    ));
+    queue.retry(head, 100).unwrap();
+    assert_eq!(due(&queue, 100), [head]);
+    let job = queue.job(head).unwrap().unwrap();
+    assert_eq!(
+        (job.state, job.attempts, job.next_attempt_at),
+        (JobState::Pending, 1, 100)
+    );
+
+    queue.complete(head, 200).unwrap();
+    assert!(matches!(
+        queue.retry(head, 300),
+        Err(QueueError::WrongState {
+            state: JobState::Done,
+            ..
+        })
+    ));
+    assert!(matches!(
+        queue.retry(9_999_999, 300),
+        Err(QueueError::NotFound(_))
+    ));
+}
+
+#[tokio::test]
+async fn an_operator_pause_is_stored_until_cleared() {
+    let temp = tempfile::tempdir().unwrap();
+    let (store, queue) = open(temp.path());
+    let pause = smaregi_relay::outbox::queue::OperatorPause {
+        reason: "棚卸し中 (stocktake)".into(),
+        at: 5,
+    };
+    queue.set_operator_pause("smaregi", Some(&pause)).unwrap();
+    store.close().await.unwrap();
+    drop((store, queue));
+    let (store, queue) = open(temp.path());
+    assert_eq!(
+        queue.operator_pauses().unwrap(),
+        [("smaregi".to_owned(), pause)]
+    );
+    queue.set_operator_pause("smaregi", None).unwrap();
+    assert!(queue.operator_pauses().unwrap().is_empty());
+    store.close().await.unwrap();
 }

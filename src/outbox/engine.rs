@@ -26,8 +26,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
-use super::job::{ErrorClass, Job, JobError, NewJob};
-use super::queue::{Queue, QueueError};
+use super::job::{ErrorClass, Job, JobError, JobState, NewJob};
+use super::queue::{Counts, OldestPending, OperatorPause, Queue, QueueError};
 use super::rate::TokenBucket;
 use super::retry::{unix_millis, RetryDecision, RetryPolicy};
 use crate::config::OutboxConfig;
@@ -89,6 +89,29 @@ pub enum EngineError {
     Queue(#[from] QueueError),
     #[error("{0}")]
     Store(#[from] StoreError),
+    #[error("job {0} is being attempted right now; try again once the attempt has settled")]
+    Running(u64),
+}
+
+/// The outbox at a glance.
+#[derive(Debug, Clone)]
+pub struct OutboxStatus {
+    pub counts: Counts,
+    pub oldest_pending: Option<OldestPending>,
+    /// Keys whose head is parked, with that job.
+    pub blocked_keys: Vec<(String, u64)>,
+    pub paused: HashMap<String, Pause>,
+}
+
+impl OutboxStatus {
+    /// Jobs in `state`, over all kinds.
+    pub fn total(&self, state: JobState) -> u64 {
+        self.counts
+            .iter()
+            .filter(|((s, _), _)| *s == state)
+            .map(|(_, count)| count)
+            .sum()
+    }
 }
 
 /// What an attempt came to, once durable; see [`Engine::settled`].
@@ -193,7 +216,8 @@ impl EngineBuilder {
         self
     }
 
-    pub fn build(self) -> Engine {
+    /// Builds the engine, with the pauses operators left in place.
+    pub fn build(self) -> Result<Engine, EngineError> {
         let mut upstreams: Vec<String> = self
             .executors
             .values()
@@ -212,7 +236,19 @@ impl EngineBuilder {
                 ))
             })
             .collect();
-        Engine {
+        let paused = self
+            .queue
+            .operator_pauses()?
+            .into_iter()
+            .map(|(upstream, pause)| {
+                let pause = Pause {
+                    reason: pause.reason,
+                    until: None,
+                };
+                (upstream, pause)
+            })
+            .collect();
+        Ok(Engine {
             inner: Arc::new(Inner {
                 store: self.store,
                 queue: self.queue,
@@ -221,14 +257,14 @@ impl EngineBuilder {
                 executors: self.executors,
                 upstreams,
                 running: Mutex::new(HashSet::new()),
-                paused: Mutex::new(HashMap::new()),
+                paused: Mutex::new(paused),
                 workers: Arc::new(Semaphore::new(usize::from(self.config.workers).max(1))),
                 buckets: Mutex::new(buckets),
                 retention: Duration::from_secs(self.config.retention_hours * 3600),
                 wake: Notify::new(),
                 settled: broadcast::channel(1024).0,
             }),
-        }
+        })
     }
 }
 
@@ -239,6 +275,10 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Engine {
     pub fn queue(&self) -> &Queue {
         &self.inner.queue
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.inner.store
     }
 
     /// Enqueues a job and commits it; returns its id once durable.
@@ -260,26 +300,96 @@ impl Engine {
         self.inner.settled.subscribe()
     }
 
-    /// Stops delivering to `upstream` until [`Engine::resume`]; jobs keep queueing.
-    pub fn pause(&self, upstream: &str, reason: &str) {
+    /// Stops delivering to `upstream` until [`Engine::resume`], also
+    /// across restarts; jobs keep queueing.
+    pub async fn pause(&self, upstream: &str, reason: &str) -> Result<(), EngineError> {
+        let record = OperatorPause {
+            reason: reason.to_owned(),
+            at: self.inner.clock.now(),
+        };
+        self.inner
+            .queue
+            .set_operator_pause(upstream, Some(&record))?;
+        self.inner.store.commit().await?;
         let pause = Pause {
             reason: reason.to_owned(),
             until: None,
         };
         lock(&self.inner.paused).insert(upstream.to_owned(), pause);
         info!(upstream, reason, "outbox: upstream paused by operator");
+        Ok(())
     }
 
-    pub fn resume(&self, upstream: &str) {
+    /// Delivers to `upstream` again, whether an operator or a
+    /// configuration failure paused it.
+    pub async fn resume(&self, upstream: &str) -> Result<(), EngineError> {
+        self.inner.queue.set_operator_pause(upstream, None)?;
+        self.inner.store.commit().await?;
         if lock(&self.inner.paused).remove(upstream).is_some() {
             info!(upstream, "outbox: upstream resumed");
         }
         self.wake();
+        Ok(())
     }
 
     /// The upstreams paused now, with why.
     pub fn paused(&self) -> HashMap<String, Pause> {
         lock(&self.inner.paused).clone()
+    }
+
+    /// An operator's "retry now" of a parked job or one waiting for its
+    /// next attempt (see [`Queue::retry`]).
+    pub async fn retry(&self, id: u64) -> Result<(), EngineError> {
+        self.inner.queue.retry(id, self.inner.clock.now())?;
+        self.inner.store.commit().await?;
+        info!(job = id, "outbox: job retried by operator");
+        self.wake();
+        Ok(())
+    }
+
+    /// Retries every parked job; returns how many.
+    pub async fn retry_all_parked(&self) -> Result<usize, EngineError> {
+        let retried = self.inner.queue.retry_all_parked(self.inner.clock.now())?;
+        self.inner.store.commit().await?;
+        info!(retried, "outbox: all parked jobs retried by operator");
+        self.wake();
+        Ok(retried)
+    }
+
+    /// An operator gives up on an unfinished job; the reason is audited.
+    pub async fn discard(&self, id: u64, reason: &str) -> Result<(), EngineError> {
+        {
+            // Held so that the scheduler cannot start the job meanwhile.
+            let running = lock(&self.inner.running);
+            if running.contains(&id) {
+                return Err(EngineError::Running(id));
+            }
+            self.inner
+                .queue
+                .discard(id, reason, self.inner.clock.now())?;
+        }
+        self.inner.store.commit().await?;
+        warn!(
+            event = "job-discarded",
+            job = id,
+            reason,
+            "outbox: job discarded by operator"
+        );
+        self.wake();
+        Ok(())
+    }
+
+    /// What `status` shows: counts, the oldest pending job, blocked keys,
+    /// paused upstreams. Costs a read per state and kind and per blocked
+    /// key, never a scan of the backlog.
+    pub fn status(&self) -> Result<OutboxStatus, EngineError> {
+        let queue = &self.inner.queue;
+        Ok(OutboxStatus {
+            counts: queue.counts()?,
+            oldest_pending: queue.oldest_pending()?,
+            blocked_keys: queue.blocked_keys()?,
+            paused: self.paused(),
+        })
     }
 
     /// Runs jobs, and prunes finished ones every [`PRUNE_INTERVAL`], until
@@ -411,7 +521,12 @@ impl Engine {
 
     async fn attempt(&self, id: u64) -> Result<(), EngineError> {
         let inner = &self.inner;
-        let Some(job) = inner.queue.job(id)? else {
+        // Discarded by an operator since the scheduler picked it.
+        let Some(job) = inner
+            .queue
+            .job(id)?
+            .filter(|job| job.state == JobState::Pending)
+        else {
             return Ok(());
         };
         let Some(registered) = inner.executors.get(&job.kind) else {

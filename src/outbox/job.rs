@@ -31,7 +31,7 @@ pub struct NewJob {
     pub payload: serde_json::Value,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum JobState {
     /// Waiting for its turn or its next attempt. (A running attempt is
@@ -42,6 +42,44 @@ pub enum JobState {
     Parked,
     /// Given up by an operator, with an audit record.
     Discarded,
+}
+
+impl JobState {
+    pub const ALL: [JobState; 4] = [Self::Pending, Self::Parked, Self::Done, Self::Discarded];
+
+    /// The state's name, as in the JSON record and on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Parked => "parked",
+            Self::Done => "done",
+            Self::Discarded => "discarded",
+        }
+    }
+
+    /// Finished jobs are kept for a while, then pruned.
+    pub fn is_finished(self) -> bool {
+        matches!(self, Self::Done | Self::Discarded)
+    }
+}
+
+impl std::fmt::Display for JobState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for JobState {
+    type Err = String;
+
+    fn from_str(name: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|state| state.as_str() == name)
+            .ok_or_else(|| {
+                format!("unknown job state {name:?}: expected pending, parked, done or discarded")
+            })
+    }
 }
 
 /// How an attempt failed.
@@ -243,6 +281,15 @@ mod tests {
             ..new_job()
         };
         assert!(matches!(validate(&job), Err(InvalidJob::Kind(_))));
+    }
+
+    #[test]
+    fn state_names_match_the_json_record() {
+        for state in JobState::ALL {
+            assert_eq!(serde_json::to_value(state).unwrap(), state.as_str());
+            assert_eq!(state.as_str().parse::<JobState>(), Ok(state));
+        }
+        assert!("running".parse::<JobState>().is_err());
     }
 
     proptest! {

@@ -12,6 +12,9 @@
 //! | `B` key | job id | keys blocked by a parked head |
 //! | `A` time id | audit (JSON) | discards by an operator |
 //! | `F` time id | — | finished (done or discarded) jobs by finish time, for pruning |
+//! | `S` state `␀` id | — | pending and parked jobs, oldest first |
+//! | `C` state `␀` kind | count | how many jobs are in each state, per kind |
+//! | `P` upstream | pause (JSON) | upstreams an operator paused |
 //!
 //! Only the head (oldest unfinished job) of a key is ever in `D`, so one
 //! job per key runs at a time, and the scheduler reads the runnable jobs in
@@ -19,6 +22,10 @@
 //! blocks its key until it is retried or discarded. Which jobs are running
 //! is kept in memory by the engine, not here: after a crash they are simply
 //! pending again, and start-up reads nothing.
+//!
+//! The counts and the state index make `status` cost a read per state and
+//! kind, whatever the backlog: nothing here scans all jobs except an
+//! operator's unfiltered listing.
 //!
 //! Every transition is one sled transaction, so the records never disagree;
 //! [`Queue::stage`] lets other modules add jobs inside their own
@@ -29,6 +36,8 @@ use sled::transaction::{
     ConflictableTransactionError, ConflictableTransactionResult, TransactionError,
     TransactionalTree,
 };
+
+use std::collections::BTreeMap;
 
 use super::job::{self, ErrorClass, InvalidJob, Job, JobError, JobState, NewJob};
 use crate::store::keys::{decode_u64_key, decode_u64_pair_key, u64_key, u64_pair_key};
@@ -44,6 +53,9 @@ const DUE: u8 = b'D';
 const BLOCKED: u8 = b'B';
 const AUDIT: u8 = b'A';
 const FINISHED: u8 = b'F';
+const STATE: u8 = b'S';
+const COUNT: u8 = b'C';
+const PAUSED: u8 = b'P';
 
 #[derive(Debug, thiserror::Error)]
 pub enum QueueError {
@@ -51,8 +63,12 @@ pub enum QueueError {
     Invalid(#[from] InvalidJob),
     #[error("no job {0}")]
     NotFound(u64),
-    #[error("job {id} is {state:?}, which does not allow this")]
+    #[error("job {id} is {state}, which does not allow this")]
     WrongState { id: u64, state: JobState },
+    #[error(
+        "job {id} waits for the earlier jobs of its key {key:?}; retry or discard job {head} first"
+    )]
+    NotHead { id: u64, key: String, head: u64 },
     #[error("outbox record is corrupt: {0}")]
     Corrupt(String),
     #[error("{0}")]
@@ -69,6 +85,56 @@ pub struct DiscardRecord {
     pub reason: String,
     pub at: u64,
 }
+
+/// Why an operator paused an upstream; survives restarts.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct OperatorPause {
+    pub reason: String,
+    pub at: u64,
+}
+
+/// The oldest job still waiting to be delivered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OldestPending {
+    pub id: u64,
+    pub kind: String,
+    pub created_at: u64,
+}
+
+/// Which jobs [`Queue::list`] returns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListFilter {
+    pub state: Option<JobState>,
+    pub kind: Option<String>,
+    pub key: Option<String>,
+    /// Only jobs with a larger id: the cursor of the previous page.
+    pub after: Option<u64>,
+    pub limit: usize,
+}
+
+impl Default for ListFilter {
+    fn default() -> Self {
+        Self {
+            state: None,
+            kind: None,
+            key: None,
+            after: None,
+            limit: 100,
+        }
+    }
+}
+
+impl ListFilter {
+    fn matches(&self, job: &Job) -> bool {
+        self.state.is_none_or(|state| job.state == state)
+            && self.kind.as_ref().is_none_or(|kind| &job.kind == kind)
+            && self.key.as_ref().is_none_or(|key| &job.key == key)
+    }
+}
+
+/// Jobs per state and kind.
+pub type Counts = BTreeMap<(JobState, String), u64>;
 
 fn prefixed(tag: u8, parts: &[&[u8]]) -> Vec<u8> {
     let mut key = vec![tag];
@@ -104,6 +170,26 @@ fn due_record(upstream: &str, due: u64, id: u64) -> Vec<u8> {
 
 fn blocked_record(key: &str) -> Vec<u8> {
     prefixed(BLOCKED, &[key.as_bytes()])
+}
+
+fn state_prefix(state: JobState) -> Vec<u8> {
+    prefixed(STATE, &[state.as_str().as_bytes(), &[0]])
+}
+
+fn state_record(state: JobState, id: u64) -> Vec<u8> {
+    prefixed(STATE, &[state.as_str().as_bytes(), &[0], &u64_key(id)])
+}
+
+fn count_record(state: JobState, kind: &str) -> Vec<u8> {
+    prefixed(COUNT, &[state.as_str().as_bytes(), &[0], kind.as_bytes()])
+}
+
+fn finished_record(finished_at: u64, id: u64) -> Vec<u8> {
+    prefixed(FINISHED, &[&u64_pair_key(finished_at, id)])
+}
+
+fn paused_record(upstream: &str) -> Vec<u8> {
+    prefixed(PAUSED, &[upstream.as_bytes()])
 }
 
 /// Per-key bookkeeping: the next sequence number and the unfinished count.
@@ -190,15 +276,13 @@ impl Queue {
         if let Err(invalid) = job::validate(new) {
             return abort(invalid);
         }
-        let record = match job::encode(&Job::new(id, new, now)) {
-            Ok(record) => record,
-            Err(invalid) => return abort(invalid),
-        };
+        let job = Job::new(id, new, now);
         let mut state = match KeyState::decode(outbox.get(key_record(&new.key))?) {
             Ok(state) => state,
             Err(corrupt) => return abort(corrupt),
         };
-        outbox.insert(job_record(id), record)?;
+        Self::put(outbox, &job)?;
+        Self::account(outbox, &job, None, Some(JobState::Pending))?;
         outbox.insert(queue_record(&new.key, state.next_sequence), &u64_key(id))?;
         if state.unfinished == 0 {
             outbox.insert(due_record(&new.upstream, now, id), &[])?;
@@ -303,28 +387,61 @@ impl Queue {
             job.record_failure(error.clone());
             job.state = JobState::Parked;
             Self::put(outbox, &job)?;
+            Self::account(
+                outbox,
+                &job,
+                Some(JobState::Pending),
+                Some(JobState::Parked),
+            )?;
             outbox.insert(blocked_record(&job.key), &u64_key(id))?;
             Ok(())
         })
     }
 
-    /// An operator's retry of a parked job: it runs again at `now`.
-    pub fn retry_parked(&self, id: u64, now: u64) -> Result<(), QueueError> {
-        self.transaction(|outbox| {
-            let mut job = Self::load(outbox, id)?;
-            if job.state != JobState::Parked {
-                return abort(QueueError::WrongState {
+    /// An operator's "retry now": a parked job, or a pending job waiting
+    /// for its next attempt, runs again at `now`. A job behind others of
+    /// its key cannot jump ahead of them.
+    pub fn retry(&self, id: u64, now: u64) -> Result<(), QueueError> {
+        let job = self.job(id)?.ok_or(QueueError::NotFound(id))?;
+        if job.state == JobState::Pending {
+            let head = self.key_queue(&job.key)?.first().map(|&(_, head)| head);
+            if let Some(head) = head.filter(|&head| head != id) {
+                return Err(QueueError::NotHead {
                     id,
-                    state: job.state,
+                    key: job.key,
+                    head,
                 });
             }
+        }
+        self.transaction(|outbox| {
+            let mut job = Self::load(outbox, id)?;
+            match job.state {
+                JobState::Parked => {
+                    outbox.remove(blocked_record(&job.key))?;
+                }
+                JobState::Pending
+                    if outbox
+                        .remove(due_record(&job.upstream, job.next_attempt_at, id))?
+                        .is_some() => {}
+                state => return abort(QueueError::WrongState { id, state }),
+            }
+            let was = job.state;
             job.state = JobState::Pending;
             job.next_attempt_at = now;
             Self::put(outbox, &job)?;
-            outbox.remove(blocked_record(&job.key))?;
+            Self::account(outbox, &job, Some(was), Some(job.state))?;
             outbox.insert(due_record(&job.upstream, now, id), &[])?;
             Ok(())
         })
+    }
+
+    /// Retries every parked job at `now`; returns how many.
+    pub fn retry_all_parked(&self, now: u64) -> Result<usize, QueueError> {
+        let parked = self.ids_in(JobState::Parked)?;
+        for &id in &parked {
+            self.retry(id, now)?;
+        }
+        Ok(parked.len())
     }
 
     /// An operator gives up on an unfinished job, with a reason kept for
@@ -366,21 +483,157 @@ impl Queue {
     /// Removes up to `limit` jobs that finished before `before`; returns
     /// how many. Reads only the jobs it removes. Durable after a commit.
     pub fn prune_finished(&self, before: u64, limit: usize) -> Result<usize, QueueError> {
-        let mut batch = sled::Batch::default();
-        let mut pruned = 0;
-        for entry in self.tree.scan_prefix([FINISHED]) {
+        let mut expired = Vec::new();
+        for entry in self.tree.scan_prefix([FINISHED]).take(limit) {
             let (key, _) = self.store.check(entry)?;
             let (finished_at, id) = decode_u64_pair_key(&key[1..])
                 .map_err(|e| QueueError::Corrupt(format!("finished index: {e}")))?;
-            if finished_at >= before || pruned == limit {
+            if finished_at >= before {
                 break;
             }
-            batch.remove(key);
-            batch.remove(job_record(id));
-            pruned += 1;
+            expired.push((finished_at, id));
         }
-        self.store.check(self.tree.apply_batch(batch))?;
-        Ok(pruned)
+        self.transaction(|outbox| {
+            for &(finished_at, id) in &expired {
+                // Gone already if a concurrent prune took it.
+                if outbox.remove(finished_record(finished_at, id))?.is_some() {
+                    let job = Self::load(outbox, id)?;
+                    outbox.remove(job_record(id))?;
+                    Self::account(outbox, &job, Some(job.state), None)?;
+                }
+            }
+            Ok(())
+        })?;
+        Ok(expired.len())
+    }
+
+    /// How many jobs are in each state, per kind. Done and discarded jobs
+    /// count until they are pruned.
+    pub fn counts(&self) -> Result<Counts, QueueError> {
+        let mut counts = Counts::new();
+        for entry in self.tree.scan_prefix([COUNT]) {
+            let (record, value) = self.store.check(entry)?;
+            let corrupt = || QueueError::Corrupt("count record".into());
+            let (state, kind) = std::str::from_utf8(&record[1..])
+                .ok()
+                .and_then(|name| name.split_once('\0'))
+                .ok_or_else(corrupt)?;
+            let state = state.parse().map_err(|_| corrupt())?;
+            let count = decode_u64_key(&value).map_err(|_| corrupt())?;
+            counts.insert((state, kind.to_owned()), count);
+        }
+        Ok(counts)
+    }
+
+    /// The pending job enqueued first (the smallest id), if any.
+    pub fn oldest_pending(&self) -> Result<Option<OldestPending>, QueueError> {
+        let Some(id) = self
+            .ids_in_from(JobState::Pending, None)
+            .next()
+            .transpose()?
+        else {
+            return Ok(None);
+        };
+        let job = self.job(id)?.ok_or(QueueError::NotFound(id))?;
+        Ok(Some(OldestPending {
+            id,
+            kind: job.kind,
+            created_at: job.created_at,
+        }))
+    }
+
+    /// Up to `filter.limit` jobs in id order. With a pending or parked
+    /// state, reads only the jobs in that state; otherwise walks all jobs
+    /// from `filter.after` on until the page is full.
+    pub fn list(&self, filter: &ListFilter) -> Result<Vec<Job>, QueueError> {
+        let ids: Box<dyn Iterator<Item = Result<u64, QueueError>>> = match filter.state {
+            Some(state) if !state.is_finished() => Box::new(self.ids_in_from(state, filter.after)),
+            _ => {
+                let start = filter.after.map_or(0, |after| after.saturating_add(1));
+                Box::new(self.ids_from(job_record(start), vec![JOB]))
+            }
+        };
+        let mut jobs = Vec::new();
+        for id in ids {
+            if jobs.len() == filter.limit {
+                break;
+            }
+            if let Some(job) = self.job(id?)? {
+                if filter.matches(&job) {
+                    jobs.push(job);
+                }
+            }
+        }
+        Ok(jobs)
+    }
+
+    fn ids_in(&self, state: JobState) -> Result<Vec<u64>, QueueError> {
+        self.ids_in_from(state, None).collect()
+    }
+
+    /// Ids of the jobs in a pending or parked `state`, after `after`.
+    fn ids_in_from(
+        &self,
+        state: JobState,
+        after: Option<u64>,
+    ) -> impl Iterator<Item = Result<u64, QueueError>> + '_ {
+        let start = match after {
+            Some(after) => state_record(state, after.saturating_add(1)),
+            None => state_prefix(state),
+        };
+        self.ids_from(start, state_prefix(state))
+    }
+
+    /// The ids that end the records from `start` on that begin with `prefix`.
+    fn ids_from(
+        &self,
+        start: Vec<u8>,
+        prefix: Vec<u8>,
+    ) -> impl Iterator<Item = Result<u64, QueueError>> + '_ {
+        self.tree
+            .range(start..)
+            .take_while(move |entry| {
+                entry
+                    .as_ref()
+                    .map_or(true, |(record, _)| record.starts_with(&prefix))
+            })
+            .map(move |entry| {
+                let (record, _) = self.store.check(entry)?;
+                decode_u64_key(&record[record.len().saturating_sub(8)..])
+                    .map_err(|e| QueueError::Corrupt(format!("job index: {e}")))
+            })
+    }
+
+    /// Records an operator's pause of `upstream` (`None`: resumed).
+    /// Durable after a commit.
+    pub fn set_operator_pause(
+        &self,
+        upstream: &str,
+        pause: Option<&OperatorPause>,
+    ) -> Result<(), QueueError> {
+        let record = paused_record(upstream);
+        let result = match pause {
+            Some(pause) => self.tree.insert(
+                record,
+                serde_json::to_vec(pause).expect("a pause record serialises"),
+            ),
+            None => self.tree.remove(record),
+        };
+        self.store.check(result)?;
+        Ok(())
+    }
+
+    /// The upstreams an operator paused, with why.
+    pub fn operator_pauses(&self) -> Result<Vec<(String, OperatorPause)>, QueueError> {
+        self.tree
+            .scan_prefix([PAUSED])
+            .map(|entry| {
+                let (record, value) = self.store.check(entry)?;
+                let pause = serde_json::from_slice(&value)
+                    .map_err(|e| QueueError::Corrupt(format!("pause: {e}")))?;
+                Ok((String::from_utf8_lossy(&record[1..]).into_owned(), pause))
+            })
+            .collect()
     }
 
     /// Keys whose head is parked, with that job's id.
@@ -445,13 +698,15 @@ impl Queue {
                         }
                     }
                 }
+                let was = job.state;
                 end(&mut job);
                 Self::put(outbox, &job)?;
+                Self::account(outbox, &job, Some(was), Some(job.state))?;
                 if let Some((key, value)) = also(&job) {
                     outbox.insert(key, value)?;
                 }
                 if let Some(finished_at) = job.finished_at {
-                    outbox.insert(prefixed(FINISHED, &[&u64_pair_key(finished_at, id)]), &[])?;
+                    outbox.insert(finished_record(finished_at, id), &[])?;
                 }
                 state.unfinished = state.unfinished.saturating_sub(1);
                 if state.unfinished == 0 {
@@ -548,6 +803,53 @@ impl Queue {
             });
         }
         Ok(job)
+    }
+
+    /// Keeps the counts and the state index in step with `job` moving
+    /// `from` one state `to` another (`None`: not stored).
+    fn account<E: From<QueueError>>(
+        outbox: &TransactionalTree,
+        job: &Job,
+        from: Option<JobState>,
+        to: Option<JobState>,
+    ) -> ConflictableTransactionResult<(), E> {
+        if from == to {
+            return Ok(());
+        }
+        if let Some(from) = from {
+            Self::add_to_count(outbox, from, &job.kind, -1)?;
+            if !from.is_finished() {
+                outbox.remove(state_record(from, job.id))?;
+            }
+        }
+        if let Some(to) = to {
+            Self::add_to_count(outbox, to, &job.kind, 1)?;
+            if !to.is_finished() {
+                outbox.insert(state_record(to, job.id), &[])?;
+            }
+        }
+        Ok(())
+    }
+
+    fn add_to_count<E: From<QueueError>>(
+        outbox: &TransactionalTree,
+        state: JobState,
+        kind: &str,
+        delta: i64,
+    ) -> ConflictableTransactionResult<(), E> {
+        let record = count_record(state, kind);
+        let count = match outbox.get(&record)? {
+            None => 0,
+            Some(bytes) => match decode_u64_key(&bytes) {
+                Ok(count) => count,
+                Err(e) => return abort(QueueError::Corrupt(format!("count: {e}"))),
+            },
+        };
+        match count.saturating_add_signed(delta) {
+            0 => outbox.remove(record)?,
+            count => outbox.insert(record, &u64_key(count))?,
+        };
+        Ok(())
     }
 
     fn put<E: From<QueueError>>(
