@@ -228,6 +228,11 @@ impl Store {
         })
     }
 
+    /// The bytes sled's files take on disk.
+    pub fn size_on_disk(&self) -> Result<u64, StoreError> {
+        self.check(self.inner.db.size_on_disk())
+    }
+
     /// The database directory.
     pub fn directory(&self) -> &Path {
         &self.inner.directory

@@ -1,0 +1,630 @@
+//! The contract's data and the legacy API's functions, as plain code: what
+//! Smaregi keeps (transactions, stock) and what it enforces on each call.
+//!
+//! No I/O here: the server hands a call's `proc_name` and `params` in and
+//! sends the answer or the error out. Rules follow SMAREGI.md (copied into
+//! this crate's README); where Smaregi's behaviour is undocumented the
+//! simulator is strict, so that the relay is held to the narrowest reading.
+
+use std::cmp::Ordering;
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Map, Value};
+
+use crate::time;
+
+/// A row as Smaregi stores and returns it: every value a string.
+pub type Row = BTreeMap<String, String>;
+
+/// Rows per read call at most, and per write.
+pub const MAX_LIMIT: u64 = 1000;
+pub const MAX_WRITE_ROWS: usize = 500;
+/// How wide a `transaction_ref` filter may be.
+pub const MAX_ID_SPAN: u64 = 100_000;
+pub const MAX_DAYS_SPAN: i64 = 31;
+
+/// Smaregi's error answer: HTTP status and the JSON body's fields.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("error {code}: {error} ({description})")]
+pub struct ApiError {
+    pub status: u16,
+    pub code: u32,
+    pub error: String,
+    pub description: String,
+}
+
+impl ApiError {
+    pub fn new(code: u32, error: &str, description: impl Into<String>) -> Self {
+        Self {
+            status: 400,
+            code,
+            error: error.to_owned(),
+            description: description.into(),
+        }
+    }
+
+    pub fn body(&self) -> Value {
+        json!({
+            "error_code": self.code,
+            "error": self.error,
+            "error_description": self.description,
+        })
+    }
+
+    fn bad_request(description: impl Into<String>) -> Self {
+        Self::new(11, "invalid_request", description)
+    }
+
+    fn bad_params(description: impl Into<String>) -> Self {
+        Self::new(33, "invalid_parameter", description)
+    }
+
+    fn unknown_table(table: &str) -> Self {
+        Self::new(31, "invalid_table", format!("テーブル {table} は指定できません"))
+    }
+
+    fn validation(problems: &[String]) -> Self {
+        Self::new(41, "validation_error", problems.join(" / "))
+    }
+}
+
+/// One stored transaction.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Transaction {
+    pub head: Row,
+    pub details: Vec<Row>,
+}
+
+impl Transaction {
+    pub fn id(&self) -> u64 {
+        self.head["transactionHeadId"].parse().unwrap_or(0)
+    }
+
+    pub fn field(&self, name: &str) -> Option<&str> {
+        self.head.get(name).map(String::as_str)
+    }
+}
+
+/// Stock of one product in one store.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stock {
+    pub amount: i64,
+    pub layaway: i64,
+    pub updated: String,
+}
+
+/// Everything one contract holds.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Contract {
+    pub transactions: BTreeMap<u64, Transaction>,
+    /// storeId → productId → stock.
+    pub stock: BTreeMap<String, BTreeMap<String, Stock>>,
+    pub next_transaction_id: u64,
+}
+
+impl Contract {
+    /// Runs one call at `now` (JST seconds); the answer's JSON on success.
+    pub fn call(&mut self, proc_name: &str, params: &str, now: i64) -> Result<Value, ApiError> {
+        let params: Value = serde_json::from_str(params)
+            .map_err(|e| ApiError::bad_request(format!("params is not JSON: {e}")))?;
+        let Value::Object(params) = params else {
+            return Err(ApiError::bad_request("params must be a JSON object"));
+        };
+        match proc_name {
+            "transaction_upd" => self.transaction_upd(&params, now),
+            "transaction_ref" => self.transaction_ref(&params),
+            "stock_ref" => self.stock_ref(&params),
+            other => Err(ApiError::new(
+                15,
+                "invalid_proc_name",
+                format!("proc_name {other} は存在しません"),
+            )),
+        }
+    }
+
+    /// Sets a product's stock, as a stocktake would.
+    pub fn set_stock(&mut self, store: &str, product: &str, amount: i64, now: i64) {
+        let stock = self.stock_entry(store, product);
+        stock.amount = amount;
+        stock.updated = time::format(now);
+    }
+
+    fn stock_entry(&mut self, store: &str, product: &str) -> &mut Stock {
+        self.stock
+            .entry(store.to_owned())
+            .or_default()
+            .entry(product.to_owned())
+            .or_insert(Stock {
+                amount: 0,
+                layaway: 0,
+                updated: String::new(),
+            })
+    }
+
+    fn transaction_upd(&mut self, params: &Map<String, Value>, now: i64) -> Result<Value, ApiError> {
+        let division = params
+            .get("proc_info")
+            .and_then(|info| info.get("proc_division"))
+            .and_then(Value::as_str);
+        if division != Some("U") {
+            return Err(ApiError::bad_params(
+                "proc_info.proc_division must be \"U\"",
+            ));
+        }
+        let tables = params
+            .get("data")
+            .and_then(Value::as_array)
+            .ok_or_else(|| ApiError::bad_params("data must be an array of tables"))?;
+        let mut heads = None;
+        let mut details = None;
+        for table in tables {
+            let name = table.get("table_name").and_then(Value::as_str).unwrap_or("");
+            let rows = table
+                .get("rows")
+                .and_then(Value::as_array)
+                .ok_or_else(|| ApiError::bad_params(format!("table {name}: rows must be an array")))?;
+            if rows.len() > MAX_WRITE_ROWS {
+                return Err(ApiError::bad_params(format!(
+                    "table {name}: at most {MAX_WRITE_ROWS} rows per call"
+                )));
+            }
+            match name {
+                "TransactionHead" => heads = Some(rows),
+                "TransactionDetail" => details = Some(rows),
+                other => return Err(ApiError::unknown_table(other)),
+            }
+        }
+        let heads = heads.ok_or_else(|| ApiError::bad_params("TransactionHead is required"))?;
+        let details = details.ok_or_else(|| ApiError::bad_params("TransactionDetail is required"))?;
+        if heads.len() != 1 {
+            return Err(ApiError::bad_params(
+                "one TransactionHead row per call (the simulator's rule)",
+            ));
+        }
+        let mut problems = Vec::new();
+        let head = string_row("TransactionHead", &heads[0], &mut problems);
+        let details: Vec<Row> = details
+            .iter()
+            .enumerate()
+            .map(|(i, row)| string_row(&format!("TransactionDetail[{i}]"), row, &mut problems))
+            .collect();
+        if problems.is_empty() {
+            self.validate_transaction(&head, &details, &mut problems);
+        }
+        if !problems.is_empty() {
+            return Err(ApiError::validation(&problems));
+        }
+
+        self.next_transaction_id += 1;
+        let id = self.next_transaction_id;
+        let mut head = head;
+        head.insert("transactionHeadId".into(), id.to_string());
+        head.insert("updDateTime".into(), time::format(now));
+        head.entry("cancelDivision".into()).or_insert_with(|| "0".into());
+        let store = head["storeId"].clone();
+        let details: Vec<Row> = details
+            .into_iter()
+            .map(|mut detail| {
+                detail.insert("transactionHeadId".into(), id.to_string());
+                detail
+            })
+            .collect();
+        for detail in &details {
+            if let Some(product) = detail.get("productId") {
+                let quantity: i64 = detail["quantity"].parse().unwrap_or(0);
+                let change = if detail["transactionDetailDivision"] == "2" {
+                    quantity
+                } else {
+                    -quantity
+                };
+                let stock = self.stock_entry(&store, product);
+                stock.amount += change;
+                stock.updated = time::format(now);
+            }
+        }
+        let detail_count = details.len();
+        self.transactions.insert(id, Transaction { head, details });
+        Ok(json!({
+            "result": {
+                "TransactionHead": 1,
+                "TransactionHeadIds": [id.to_string()],
+                "TransactionDetail": detail_count,
+            }
+        }))
+    }
+
+    fn validate_transaction(&self, head: &Row, details: &[Row], problems: &mut Vec<String>) {
+        let mut require = |row: &Row, table: &str, field: &str| -> Option<String> {
+            match row.get(field) {
+                Some(value) if !value.is_empty() => Some(value.clone()),
+                _ => {
+                    problems.push(format!("{table}.{field} は必須です (required)"));
+                    None
+                }
+            }
+        };
+        let division = require(head, "TransactionHead", "transactionHeadDivision");
+        let subtotal = require(head, "TransactionHead", "subtotal");
+        let total = require(head, "TransactionHead", "total");
+        let store = require(head, "TransactionHead", "storeId");
+        let terminal = require(head, "TransactionHead", "terminalId");
+        let terminal_tran = require(head, "TransactionHead", "terminalTranId");
+        let tran_time = require(head, "TransactionHead", "terminalTranDateTime");
+        let mut detail_fields = Vec::new();
+        for (i, detail) in details.iter().enumerate() {
+            let table = format!("TransactionDetail[{i}]");
+            detail_fields.push((
+                require(detail, &table, "transactionDetailId"),
+                require(detail, &table, "transactionDetailDivision"),
+                require(detail, &table, "salesPrice"),
+                require(detail, &table, "quantity"),
+            ));
+        }
+
+        if let Some(division) = division {
+            if !matches!(division.as_str(), "1" | "2" | "3" | "4" | "5" | "6" | "7" | "8" | "9" | "10" | "11" | "12" | "13" | "14") {
+                problems.push(format!("transactionHeadDivision {division} は不正です"));
+            }
+        }
+        if let Some(store) = &store {
+            if !is_digits(store, 1, 9) {
+                problems.push(format!("storeId {store} は9桁以内の数字です"));
+            }
+        }
+        if let Some(terminal) = &terminal {
+            if !is_digits(terminal, 1, 9) || terminal.starts_with('0') {
+                problems.push(format!("terminalId {terminal} は1〜9桁の数字です"));
+            }
+        }
+        if let Some(id) = &terminal_tran {
+            if !(1..=10).contains(&id.chars().count()) {
+                problems.push(format!("terminalTranId {id} は1〜10文字です"));
+            }
+        }
+        if let Some(at) = &tran_time {
+            if time::parse(at).is_none() || at.len() != 19 {
+                problems.push(format!(
+                    "terminalTranDateTime {at} は YYYY-MM-DD HH:MM:SS 形式です"
+                ));
+            }
+        }
+        let money = |field: &str, problems: &mut Vec<String>| -> i64 {
+            match head.get(field) {
+                None => 0,
+                Some(value) => value.parse().unwrap_or_else(|_| {
+                    problems.push(format!("{field} {value} は整数です (integer)"));
+                    0
+                }),
+            }
+        };
+        let subtotal_value = subtotal.map(|_| money("subtotal", problems));
+        let total_value = total.map(|_| money("total", problems));
+        let discount = money("subtotalDiscountPrice", problems);
+        let outer_tax = money("taxExclude", problems);
+        let carriage = money("carriage", problems);
+        let commission = money("commission", problems);
+
+        let mut ids = BTreeSet::new();
+        let mut line_sum: i64 = 0;
+        for (i, (id, detail_division, price, quantity)) in detail_fields.into_iter().enumerate() {
+            if let Some(id) = id {
+                match id.parse::<u32>() {
+                    Ok(n) if (1..=999).contains(&n) && !id.starts_with('0') => {
+                        if !ids.insert(n) {
+                            problems.push(format!("transactionDetailId {id} が重複しています (duplicate)"));
+                        }
+                    }
+                    _ => problems.push(format!("transactionDetailId {id} は1〜999です")),
+                }
+            }
+            if let Some(division) = detail_division {
+                if division != "1" && division != "2" {
+                    problems.push(format!("TransactionDetail[{i}].transactionDetailDivision {division} は 1 か 2 です"));
+                }
+            }
+            let price = price.and_then(|p| p.parse::<i64>().map_err(|_| problems.push(format!("TransactionDetail[{i}].salesPrice {p} は整数です"))).ok());
+            let quantity = quantity.and_then(|q| q.parse::<i64>().map_err(|_| problems.push(format!("TransactionDetail[{i}].quantity {q} は整数です"))).ok());
+            if let (Some(price), Some(quantity)) = (price, quantity) {
+                line_sum += price * quantity;
+            }
+            let detail = &details[i];
+            if let Some(product) = detail.get("productId") {
+                if !is_digits(product, 1, 15) {
+                    problems.push(format!("TransactionDetail[{i}].productId {product} は15桁以内の数字です"));
+                }
+            }
+            if let Some(code) = detail.get("productCode") {
+                if code.len() > 20 || !code.bytes().all(|b| b.is_ascii_graphic()) {
+                    problems.push(format!("TransactionDetail[{i}].productCode {code} は20文字以内の半角英数記号です"));
+                }
+            }
+        }
+        if details.is_empty() {
+            problems.push("TransactionDetail は1行以上必要です (at least one line)".into());
+        }
+        if let Some(subtotal) = subtotal_value {
+            if problems.is_empty() && subtotal != line_sum {
+                problems.push(format!(
+                    "subtotal {subtotal} が明細の合計 {line_sum} と一致しません (subtotal does not match the lines)"
+                ));
+            }
+            if let Some(total) = total_value {
+                let expected = subtotal - discount + outer_tax + carriage + commission;
+                if problems.is_empty() && total != expected {
+                    problems.push(format!(
+                        "total {total} が {expected} (subtotal − subtotalDiscountPrice + taxExclude + carriage + commission) と一致しません"
+                    ));
+                }
+            }
+        }
+        if head.get("disposeDivision").map(String::as_str) == Some("2") {
+            let original = head
+                .get("disposeServerTransactionHeadId")
+                .and_then(|id| id.parse::<u64>().ok());
+            match original {
+                Some(id) if self.transactions.contains_key(&id) => {}
+                _ => problems.push(format!(
+                    "disposeServerTransactionHeadId {:?} の取引が見つかりません (original not found)",
+                    head.get("disposeServerTransactionHeadId")
+                )),
+            }
+        }
+    }
+
+    fn transaction_ref(&self, params: &Map<String, Value>) -> Result<Value, ApiError> {
+        let query = Query::parse(params)?;
+        let detail = match query.table.as_str() {
+            "TransactionHead" => false,
+            "TransactionDetail" => true,
+            other => return Err(ApiError::unknown_table(other)),
+        };
+        for group in &query.conditions {
+            if !is_bounded(group) {
+                return Err(ApiError::validation(&[format!(
+                    "検索条件には transactionHeadId の範囲 ({MAX_ID_SPAN}件以内) か日時の範囲 ({MAX_DAYS_SPAN}日以内) が必要です \
+                     (a bounded id or date range is required)"
+                )]));
+            }
+        }
+        if query.conditions.is_empty() {
+            return Err(ApiError::validation(&["conditions は必須です (required)".to_owned()]));
+        }
+        let rows = self.transactions.values().flat_map(|transaction| {
+            let matched = query.matches(&transaction.head);
+            let rows: Vec<&Row> = match (matched, detail) {
+                (false, _) => Vec::new(),
+                (true, false) => vec![&transaction.head],
+                (true, true) => transaction.details.iter().collect(),
+            };
+            rows
+        });
+        Ok(query.page(rows))
+    }
+
+    fn stock_ref(&self, params: &Map<String, Value>) -> Result<Value, ApiError> {
+        let query = Query::parse(params)?;
+        if query.table != "Stock" {
+            return Err(ApiError::unknown_table(&query.table));
+        }
+        let rows: Vec<Row> = self
+            .stock
+            .iter()
+            .flat_map(|(store, products)| products.iter().map(move |(product, stock)| (store, product, stock)))
+            .map(|(store, product, stock)| {
+                Row::from([
+                    ("storeId".to_owned(), store.clone()),
+                    ("productId".to_owned(), product.clone()),
+                    ("stockAmount".to_owned(), stock.amount.to_string()),
+                    ("layawayStockAmount".to_owned(), stock.layaway.to_string()),
+                    ("updDateTime".to_owned(), stock.updated.clone()),
+                ])
+            })
+            .filter(|row| query.conditions.is_empty() || query.matches(row))
+            .collect();
+        Ok(query.page(rows.iter()))
+    }
+}
+
+/// A row's values, which must all be strings.
+fn string_row(table: &str, row: &Value, problems: &mut Vec<String>) -> Row {
+    let Some(object) = row.as_object() else {
+        problems.push(format!("{table} は JSON オブジェクトです (must be an object)"));
+        return Row::new();
+    };
+    object
+        .iter()
+        .filter_map(|(field, value)| match value {
+            Value::String(text) => Some((field.clone(), text.clone())),
+            Value::Null => None,
+            other => {
+                problems.push(format!(
+                    "{table}.{field} は文字列で指定してください (must be a string, got {other})"
+                ));
+                None
+            }
+        })
+        .collect()
+}
+
+fn is_digits(text: &str, min: usize, max: usize) -> bool {
+    (min..=max).contains(&text.len()) && text.bytes().all(|b| b.is_ascii_digit())
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Operator {
+    Eq,
+    Ne,
+    Ge,
+    Le,
+    Gt,
+    Lt,
+}
+
+#[derive(Debug, Clone)]
+struct Condition {
+    field: String,
+    operator: Operator,
+    value: String,
+}
+
+impl Condition {
+    fn matches(&self, row: &Row) -> bool {
+        let Some(actual) = row.get(&self.field) else {
+            return false;
+        };
+        let ordering = compare(actual, &self.value);
+        match self.operator {
+            Operator::Eq => ordering == Ordering::Equal,
+            Operator::Ne => ordering != Ordering::Equal,
+            Operator::Ge => ordering != Ordering::Less,
+            Operator::Le => ordering != Ordering::Greater,
+            Operator::Gt => ordering == Ordering::Greater,
+            Operator::Lt => ordering == Ordering::Less,
+        }
+    }
+}
+
+/// Numbers as numbers, everything else (datetimes included) as text.
+fn compare(a: &str, b: &str) -> Ordering {
+    match (a.parse::<i64>(), b.parse::<i64>()) {
+        (Ok(a), Ok(b)) => a.cmp(&b),
+        _ => a.cmp(b),
+    }
+}
+
+/// A read call's table, conditions (objects are OR-ed; the keys inside one
+/// are AND-ed), and page.
+struct Query {
+    table: String,
+    conditions: Vec<Vec<Condition>>,
+    limit: u64,
+    page: u64,
+}
+
+impl Query {
+    fn parse(params: &Map<String, Value>) -> Result<Self, ApiError> {
+        let table = params
+            .get("table_name")
+            .and_then(Value::as_str)
+            .ok_or_else(|| ApiError::bad_params("table_name is required"))?
+            .to_owned();
+        let limit = number_param(params, "limit", 100)?;
+        if !(1..=MAX_LIMIT).contains(&limit) {
+            return Err(ApiError::bad_params(format!("limit must be 1 to {MAX_LIMIT}")));
+        }
+        let page = number_param(params, "page", 1)?;
+        if page < 1 {
+            return Err(ApiError::bad_params("page starts at 1"));
+        }
+        let mut conditions = Vec::new();
+        match params.get("conditions") {
+            None => {}
+            Some(Value::Array(groups)) => {
+                for group in groups {
+                    let Value::Object(group) = group else {
+                        return Err(ApiError::bad_params("each condition must be an object"));
+                    };
+                    let mut parsed = Vec::new();
+                    for (key, value) in group {
+                        let Value::String(value) = value else {
+                            return Err(ApiError::bad_params(format!(
+                                "condition {key}: the value must be a string"
+                            )));
+                        };
+                        let (field, operator) = match key.split_once(' ') {
+                            None => (key.as_str(), Operator::Eq),
+                            Some((field, operator)) => {
+                                let operator = match operator.trim() {
+                                    "=" => Operator::Eq,
+                                    "!=" | "<>" => Operator::Ne,
+                                    ">=" => Operator::Ge,
+                                    "<=" => Operator::Le,
+                                    ">" => Operator::Gt,
+                                    "<" => Operator::Lt,
+                                    other => {
+                                        return Err(ApiError::bad_params(format!(
+                                            "condition {key}: unknown operator {other}"
+                                        )))
+                                    }
+                                };
+                                (field, operator)
+                            }
+                        };
+                        parsed.push(Condition {
+                            field: field.to_owned(),
+                            operator,
+                            value: value.clone(),
+                        });
+                    }
+                    conditions.push(parsed);
+                }
+            }
+            Some(_) => return Err(ApiError::bad_params("conditions must be an array")),
+        }
+        Ok(Self {
+            table,
+            conditions,
+            limit,
+            page,
+        })
+    }
+
+    fn matches(&self, row: &Row) -> bool {
+        self.conditions
+            .iter()
+            .any(|group| group.iter().all(|condition| condition.matches(row)))
+    }
+
+    fn page<'a>(&self, rows: impl Iterator<Item = &'a Row>) -> Value {
+        let rows: Vec<&Row> = rows.collect();
+        let skip = ((self.page - 1) * self.limit) as usize;
+        let result: Vec<&Row> = rows.iter().skip(skip).take(self.limit as usize).copied().collect();
+        json!({"total_count": rows.len().to_string(), "result": result})
+    }
+}
+
+fn number_param(params: &Map<String, Value>, name: &str, default: u64) -> Result<u64, ApiError> {
+    match params.get(name) {
+        None => Ok(default),
+        Some(Value::Number(n)) => n
+            .as_u64()
+            .ok_or_else(|| ApiError::bad_params(format!("{name} must be a positive integer"))),
+        Some(Value::String(s)) => s
+            .parse()
+            .map_err(|_| ApiError::bad_params(format!("{name} must be a positive integer"))),
+        Some(_) => Err(ApiError::bad_params(format!("{name} must be a positive integer"))),
+    }
+}
+
+/// A `transaction_ref` condition group must bound the id range or a
+/// datetime range.
+fn is_bounded(group: &[Condition]) -> bool {
+    let bound = |field: &str, operators: &[Operator]| -> Option<&str> {
+        group
+            .iter()
+            .find(|c| c.field == field && operators.contains(&c.operator))
+            .map(|c| c.value.as_str())
+    };
+    let lower = [Operator::Ge, Operator::Gt, Operator::Eq];
+    let upper = [Operator::Le, Operator::Lt, Operator::Eq];
+    if let (Some(low), Some(high)) = (
+        bound("transactionHeadId", &lower),
+        bound("transactionHeadId", &upper),
+    ) {
+        if let (Ok(low), Ok(high)) = (low.parse::<u64>(), high.parse::<u64>()) {
+            if high >= low && high - low <= MAX_ID_SPAN {
+                return true;
+            }
+        }
+    }
+    ["terminalTranDateTime", "updDateTime", "sumDate"]
+        .iter()
+        .any(|field| match (bound(field, &lower), bound(field, &upper)) {
+            (Some(low), Some(high)) => match (time::parse(low), time::parse(high)) {
+                (Some(low), Some(high)) => high >= low && high - low <= MAX_DAYS_SPAN * 86_400,
+                _ => false,
+            },
+            _ => false,
+        })
+}
