@@ -23,9 +23,7 @@ use std::time::{Duration, Instant};
 use criterion::{BenchmarkId, Criterion, Throughput};
 use sled::transaction::TransactionError;
 use smaregi_relay::config::{OutboxConfig, StorageConfig};
-use smaregi_relay::outbox::engine::{
-    AttemptOutcome, BoxFuture, EngineBuilder, Executor, Settled,
-};
+use smaregi_relay::outbox::engine::{AttemptOutcome, BoxFuture, EngineBuilder, Executor, Settled};
 use smaregi_relay::outbox::job::{Job, JobState, NewJob};
 use smaregi_relay::outbox::queue::Queue;
 use smaregi_relay::store::{Store, StoreOptions};
@@ -154,7 +152,10 @@ fn main() {
                             let engine = engine.clone();
                             tokio::spawn(async move {
                                 for n in (task..jobs).step_by(ENQUEUERS as usize) {
-                                    engine.enqueue(&new_job(format!("k:{}", n % 256))).await.unwrap();
+                                    engine
+                                        .enqueue(&new_job(format!("k:{}", n % 256)))
+                                        .await
+                                        .unwrap();
                                 }
                             })
                         })
@@ -232,7 +233,10 @@ fn main() {
             .executor(KIND, UPSTREAM, Arc::new(Noop))
             .build()
             .unwrap();
-        let first = engine.queue().due(UPSTREAM, u64::MAX, 1, |_| false).unwrap();
+        let first = engine
+            .queue()
+            .due(UPSTREAM, u64::MAX, 1, |_| false)
+            .unwrap();
         let status = engine.status().unwrap();
         opens.push(started.elapsed().as_secs_f64());
         size = store.size_on_disk().unwrap();

@@ -12,7 +12,8 @@
 //! |---|---|
 //! | [`config`] | the TOML configuration: types, named defaults, validation with file/line/column diagnostics, secret resolution |
 //! | [`store`] | the sled database: trees, key encodings, schema version, the group-committed durable commit |
-//! | [`outbox`] | the calls we owe: job model, durable per-key queue, retry policy (the engine that runs jobs follows) |
+//! | [`outbox`] | the calls we owe: job model, durable per-key queue, retry policy, the engine that runs jobs, operator operations |
+//! | [`smaregi`] | Smaregi's legacy API: client, error classes, exactly-once 取引登録/取引取消 executors |
 //! | [`telemetry`] | tracing set-up: journald under systemd, human-readable stderr otherwise |
 //! | [`daemon`] | wiring, start-up order, sd_notify, the shutdown token and drain deadline |
 //! | [`cli`] | the command-line definition shared by the binary (and, later, completions and man page) |
@@ -23,5 +24,6 @@ pub mod config;
 pub mod daemon;
 pub mod exit;
 pub mod outbox;
+pub mod smaregi;
 pub mod store;
 pub mod telemetry;

@@ -85,6 +85,12 @@ fn every_documented_key_of_the_example_is_accepted_when_uncommented() {
         "orders-0123456789abcdef",
         0o600,
     );
+    write_file(
+        temp.path(),
+        "proxy-ca.pem",
+        "-----BEGIN CERTIFICATE-----\n-----END CERTIFICATE-----\n",
+        0o644,
+    );
     let loaded = config::load(&path).unwrap_or_else(|e| panic!("{e}\n---\n{uncommented}"));
     let smaregi = loaded
         .config
@@ -92,6 +98,11 @@ fn every_documented_key_of_the_example_is_accepted_when_uncommented() {
         .as_ref()
         .expect("[smaregi] was uncommented");
     assert_eq!(smaregi.access_token.expose(), "token-0123456789abcdef");
+    assert_eq!(smaregi.terminal_id, "9");
+    assert_eq!(
+        smaregi.ca_file.as_deref(),
+        Some(temp.path().join("proxy-ca.pem").as_path())
+    );
     assert_eq!(loaded.config.stock.stores, ["1", "2"]);
 }
 
@@ -262,7 +273,7 @@ fn a_secret_file_is_read_relative_to_the_config_without_its_line_break() {
     );
     let path = write_config(
         temp.path(),
-        "[smaregi]\ncontract-id = \"sb_abc123\"\naccess-token = { file = \"secrets/token\" }\n",
+        "[smaregi]\ncontract-id = \"sb_abc123\"\nterminal-id = \"9\"\naccess-token = { file = \"secrets/token\" }\n",
     );
     let loaded = config::load(&path).unwrap();
     let smaregi = loaded.config.smaregi.unwrap();

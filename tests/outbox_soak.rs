@@ -60,7 +60,9 @@ async fn soak(cycles: u64) {
     let store = Store::open(&common::store_options(temp.path())).unwrap();
     let queue = Queue::open(&store).unwrap();
     for n in 0..BACKLOG {
-        queue.enqueue(&job(format!("backlog:{n}")), u64::MAX / 2).unwrap();
+        queue
+            .enqueue(&job(format!("backlog:{n}")), u64::MAX / 2)
+            .unwrap();
     }
     store.commit().await.unwrap();
     let at_start = store.size_on_disk().unwrap();
@@ -68,7 +70,9 @@ async fn soak(cycles: u64) {
 
     let mut completed = 0;
     for cycle in 1..=cycles {
-        let id = queue.enqueue(&job(format!("order:{cycle}")), cycle).unwrap();
+        let id = queue
+            .enqueue(&job(format!("order:{cycle}")), cycle)
+            .unwrap();
         // The backlog is due later: the new job is the one that runs.
         let due = queue.due("smaregi", cycle, 1, |_| false).unwrap();
         assert_eq!(due, [id]);

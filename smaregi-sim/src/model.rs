@@ -61,7 +61,11 @@ impl ApiError {
     }
 
     fn unknown_table(table: &str) -> Self {
-        Self::new(31, "invalid_table", format!("テーブル {table} は指定できません"))
+        Self::new(
+            31,
+            "invalid_table",
+            format!("テーブル {table} は指定できません"),
+        )
     }
 
     fn validation(problems: &[String]) -> Self {
@@ -142,7 +146,11 @@ impl Contract {
             })
     }
 
-    fn transaction_upd(&mut self, params: &Map<String, Value>, now: i64) -> Result<Value, ApiError> {
+    fn transaction_upd(
+        &mut self,
+        params: &Map<String, Value>,
+        now: i64,
+    ) -> Result<Value, ApiError> {
         let division = params
             .get("proc_info")
             .and_then(|info| info.get("proc_division"))
@@ -159,11 +167,13 @@ impl Contract {
         let mut heads = None;
         let mut details = None;
         for table in tables {
-            let name = table.get("table_name").and_then(Value::as_str).unwrap_or("");
-            let rows = table
-                .get("rows")
-                .and_then(Value::as_array)
-                .ok_or_else(|| ApiError::bad_params(format!("table {name}: rows must be an array")))?;
+            let name = table
+                .get("table_name")
+                .and_then(Value::as_str)
+                .unwrap_or("");
+            let rows = table.get("rows").and_then(Value::as_array).ok_or_else(|| {
+                ApiError::bad_params(format!("table {name}: rows must be an array"))
+            })?;
             if rows.len() > MAX_WRITE_ROWS {
                 return Err(ApiError::bad_params(format!(
                     "table {name}: at most {MAX_WRITE_ROWS} rows per call"
@@ -176,7 +186,8 @@ impl Contract {
             }
         }
         let heads = heads.ok_or_else(|| ApiError::bad_params("TransactionHead is required"))?;
-        let details = details.ok_or_else(|| ApiError::bad_params("TransactionDetail is required"))?;
+        let details =
+            details.ok_or_else(|| ApiError::bad_params("TransactionDetail is required"))?;
         if heads.len() != 1 {
             return Err(ApiError::bad_params(
                 "one TransactionHead row per call (the simulator's rule)",
@@ -201,7 +212,8 @@ impl Contract {
         let mut head = head;
         head.insert("transactionHeadId".into(), id.to_string());
         head.insert("updDateTime".into(), time::format(now));
-        head.entry("cancelDivision".into()).or_insert_with(|| "0".into());
+        head.entry("cancelDivision".into())
+            .or_insert_with(|| "0".into());
         let store = head["storeId"].clone();
         let details: Vec<Row> = details
             .into_iter()
@@ -263,7 +275,22 @@ impl Contract {
         }
 
         if let Some(division) = division {
-            if !matches!(division.as_str(), "1" | "2" | "3" | "4" | "5" | "6" | "7" | "8" | "9" | "10" | "11" | "12" | "13" | "14") {
+            if !matches!(
+                division.as_str(),
+                "1" | "2"
+                    | "3"
+                    | "4"
+                    | "5"
+                    | "6"
+                    | "7"
+                    | "8"
+                    | "9"
+                    | "10"
+                    | "11"
+                    | "12"
+                    | "13"
+                    | "14"
+            ) {
                 problems.push(format!("transactionHeadDivision {division} は不正です"));
             }
         }
@@ -312,7 +339,9 @@ impl Contract {
                 match id.parse::<u32>() {
                     Ok(n) if (1..=999).contains(&n) && !id.starts_with('0') => {
                         if !ids.insert(n) {
-                            problems.push(format!("transactionDetailId {id} が重複しています (duplicate)"));
+                            problems.push(format!(
+                                "transactionDetailId {id} が重複しています (duplicate)"
+                            ));
                         }
                     }
                     _ => problems.push(format!("transactionDetailId {id} は1〜999です")),
@@ -323,20 +352,36 @@ impl Contract {
                     problems.push(format!("TransactionDetail[{i}].transactionDetailDivision {division} は 1 か 2 です"));
                 }
             }
-            let price = price.and_then(|p| p.parse::<i64>().map_err(|_| problems.push(format!("TransactionDetail[{i}].salesPrice {p} は整数です"))).ok());
-            let quantity = quantity.and_then(|q| q.parse::<i64>().map_err(|_| problems.push(format!("TransactionDetail[{i}].quantity {q} は整数です"))).ok());
+            let price = price.and_then(|p| {
+                p.parse::<i64>()
+                    .map_err(|_| {
+                        problems.push(format!("TransactionDetail[{i}].salesPrice {p} は整数です"))
+                    })
+                    .ok()
+            });
+            let quantity = quantity.and_then(|q| {
+                q.parse::<i64>()
+                    .map_err(|_| {
+                        problems.push(format!("TransactionDetail[{i}].quantity {q} は整数です"))
+                    })
+                    .ok()
+            });
             if let (Some(price), Some(quantity)) = (price, quantity) {
                 line_sum += price * quantity;
             }
             let detail = &details[i];
             if let Some(product) = detail.get("productId") {
                 if !is_digits(product, 1, 15) {
-                    problems.push(format!("TransactionDetail[{i}].productId {product} は15桁以内の数字です"));
+                    problems.push(format!(
+                        "TransactionDetail[{i}].productId {product} は15桁以内の数字です"
+                    ));
                 }
             }
             if let Some(code) = detail.get("productCode") {
                 if code.len() > 20 || !code.bytes().all(|b| b.is_ascii_graphic()) {
-                    problems.push(format!("TransactionDetail[{i}].productCode {code} は20文字以内の半角英数記号です"));
+                    problems.push(format!(
+                        "TransactionDetail[{i}].productCode {code} は20文字以内の半角英数記号です"
+                    ));
                 }
             }
         }
@@ -388,7 +433,9 @@ impl Contract {
             }
         }
         if query.conditions.is_empty() {
-            return Err(ApiError::validation(&["conditions は必須です (required)".to_owned()]));
+            return Err(ApiError::validation(&[
+                "conditions は必須です (required)".to_owned()
+            ]));
         }
         let rows = self.transactions.values().flat_map(|transaction| {
             let matched = query.matches(&transaction.head);
@@ -410,7 +457,11 @@ impl Contract {
         let rows: Vec<Row> = self
             .stock
             .iter()
-            .flat_map(|(store, products)| products.iter().map(move |(product, stock)| (store, product, stock)))
+            .flat_map(|(store, products)| {
+                products
+                    .iter()
+                    .map(move |(product, stock)| (store, product, stock))
+            })
             .map(|(store, product, stock)| {
                 Row::from([
                     ("storeId".to_owned(), store.clone()),
@@ -429,7 +480,9 @@ impl Contract {
 /// A row's values, which must all be strings.
 fn string_row(table: &str, row: &Value, problems: &mut Vec<String>) -> Row {
     let Some(object) = row.as_object() else {
-        problems.push(format!("{table} は JSON オブジェクトです (must be an object)"));
+        problems.push(format!(
+            "{table} は JSON オブジェクトです (must be an object)"
+        ));
         return Row::new();
     };
     object
@@ -511,7 +564,9 @@ impl Query {
             .to_owned();
         let limit = number_param(params, "limit", 100)?;
         if !(1..=MAX_LIMIT).contains(&limit) {
-            return Err(ApiError::bad_params(format!("limit must be 1 to {MAX_LIMIT}")));
+            return Err(ApiError::bad_params(format!(
+                "limit must be 1 to {MAX_LIMIT}"
+            )));
         }
         let page = number_param(params, "page", 1)?;
         if page < 1 {
@@ -579,7 +634,12 @@ impl Query {
     fn page<'a>(&self, rows: impl Iterator<Item = &'a Row>) -> Value {
         let rows: Vec<&Row> = rows.collect();
         let skip = ((self.page - 1) * self.limit) as usize;
-        let result: Vec<&Row> = rows.iter().skip(skip).take(self.limit as usize).copied().collect();
+        let result: Vec<&Row> = rows
+            .iter()
+            .skip(skip)
+            .take(self.limit as usize)
+            .copied()
+            .collect();
         json!({"total_count": rows.len().to_string(), "result": result})
     }
 }
@@ -593,7 +653,9 @@ fn number_param(params: &Map<String, Value>, name: &str, default: u64) -> Result
         Some(Value::String(s)) => s
             .parse()
             .map_err(|_| ApiError::bad_params(format!("{name} must be a positive integer"))),
-        Some(_) => Err(ApiError::bad_params(format!("{name} must be a positive integer"))),
+        Some(_) => Err(ApiError::bad_params(format!(
+            "{name} must be a positive integer"
+        ))),
     }
 }
 
@@ -627,4 +689,310 @@ fn is_bounded(group: &[Condition]) -> bool {
             },
             _ => false,
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: &str = "2026-11-22 10:00:00";
+
+    fn now() -> i64 {
+        time::parse(NOW).unwrap()
+    }
+
+    fn head(terminal_tran_id: &str, subtotal: i64) -> Value {
+        json!({
+            "transactionHeadDivision": "1",
+            "cancelDivision": "0",
+            "subtotal": subtotal.to_string(),
+            "total": (subtotal + 500).to_string(),
+            "carriage": "500",
+            "storeId": "1",
+            "terminalId": "9",
+            "terminalTranId": terminal_tran_id,
+            "terminalTranDateTime": "2026-11-22 09:58:00",
+        })
+    }
+
+    fn line(id: &str, product: &str, price: i64, quantity: i64, division: &str) -> Value {
+        json!({
+            "transactionDetailId": id,
+            "transactionDetailDivision": division,
+            "productId": product,
+            "salesPrice": price.to_string(),
+            "quantity": quantity.to_string(),
+        })
+    }
+
+    fn upd(head: Value, lines: Vec<Value>) -> String {
+        json!({
+            "proc_info": {"proc_division": "U"},
+            "data": [
+                {"table_name": "TransactionHead", "rows": [head]},
+                {"table_name": "TransactionDetail", "rows": lines},
+            ],
+        })
+        .to_string()
+    }
+
+    fn register(contract: &mut Contract, params: &str) -> Result<u64, ApiError> {
+        let answer = contract.call("transaction_upd", params, now())?;
+        Ok(answer["result"]["TransactionHeadIds"][0]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap())
+    }
+
+    fn stock(contract: &Contract, product: &str) -> i64 {
+        contract.stock["1"][product].amount
+    }
+
+    #[test]
+    fn a_sale_is_stored_with_its_id_and_moves_stock() {
+        let mut contract = Contract::default();
+        contract.set_stock("1", "113", 10, now());
+        let params = upd(head("A1", 2400), vec![line("1", "113", 1200, 2, "1")]);
+        let id = register(&mut contract, &params).unwrap();
+        let stored = &contract.transactions[&id];
+        assert_eq!(stored.field("terminalTranId"), Some("A1"));
+        assert_eq!(stored.field("updDateTime"), Some(NOW));
+        assert_eq!(stored.details[0]["transactionHeadId"], id.to_string());
+        assert_eq!(stock(&contract, "113"), 8);
+    }
+
+    #[test]
+    fn a_reversal_points_at_its_original_and_puts_stock_back() {
+        let mut contract = Contract::default();
+        let original = register(
+            &mut contract,
+            &upd(head("A1", 2400), vec![line("1", "113", 1200, 2, "1")]),
+        )
+        .unwrap();
+        let mut reversal = head("A2", -2400);
+        reversal["total"] = json!("-2900");
+        reversal["carriage"] = json!("-500");
+        reversal["disposeDivision"] = json!("2");
+        reversal["disposeServerTransactionHeadId"] = json!(original.to_string());
+        register(
+            &mut contract,
+            &upd(reversal.clone(), vec![line("1", "113", -1200, 2, "2")]),
+        )
+        .unwrap();
+        assert_eq!(stock(&contract, "113"), 0);
+
+        reversal["disposeServerTransactionHeadId"] = json!("999999");
+        let error = register(
+            &mut contract,
+            &upd(reversal, vec![line("1", "113", -1200, 2, "2")]),
+        )
+        .unwrap_err();
+        assert_eq!(error.code, 41);
+        assert!(error.description.contains("original not found"), "{error}");
+    }
+
+    #[test]
+    fn validation_names_every_problem() {
+        let mut contract = Contract::default();
+        let cases: Vec<(String, &str)> = vec![
+            (
+                upd(head("A1", 999), vec![line("1", "113", 1200, 2, "1")]),
+                "subtotal does not match",
+            ),
+            (
+                upd(
+                    head("ABCDEFGHIJK", 1200),
+                    vec![line("1", "113", 1200, 1, "1")],
+                ),
+                "terminalTranId",
+            ),
+            (
+                upd(
+                    head("A1", 2400),
+                    vec![
+                        line("1", "113", 1200, 1, "1"),
+                        line("1", "114", 1200, 1, "1"),
+                    ],
+                ),
+                "duplicate",
+            ),
+            (
+                upd(head("A1", 1200), vec![line("1000", "113", 1200, 1, "1")]),
+                "1〜999",
+            ),
+            (
+                upd(head("A1", 1200), vec![line("1", "113", 1200, 1, "3")]),
+                "transactionDetailDivision",
+            ),
+            (upd(head("A1", 1200), vec![]), "at least one line"),
+        ];
+        for (params, expected) in cases {
+            let error = register(&mut contract, &params).unwrap_err();
+            assert_eq!((error.status, error.code), (400, 41), "{expected}: {error}");
+            assert!(error.description.contains(expected), "{expected}: {error}");
+        }
+        let mut numbers = head("A1", 1200);
+        numbers["subtotal"] = json!(1200);
+        let error = register(
+            &mut contract,
+            &upd(numbers, vec![line("1", "113", 1200, 1, "1")]),
+        )
+        .unwrap_err();
+        assert!(error.description.contains("must be a string"), "{error}");
+        let mut missing = head("A1", 1200);
+        missing.as_object_mut().unwrap().remove("terminalId");
+        let error = register(
+            &mut contract,
+            &upd(missing, vec![line("1", "113", 1200, 1, "1")]),
+        )
+        .unwrap_err();
+        assert!(
+            error.description.contains("terminalId は必須です"),
+            "{error}"
+        );
+        let mut wrong_total = head("A1", 1200);
+        wrong_total["total"] = json!("1200");
+        let error = register(
+            &mut contract,
+            &upd(wrong_total, vec![line("1", "113", 1200, 1, "1")]),
+        )
+        .unwrap_err();
+        assert!(error.description.contains("total 1200"), "{error}");
+        assert!(
+            contract.transactions.is_empty(),
+            "nothing invalid is stored"
+        );
+    }
+
+    #[test]
+    fn malformed_calls_get_their_codes() {
+        let mut contract = Contract::default();
+        assert_eq!(
+            contract
+                .call("transaction_upd", "{not json", now())
+                .unwrap_err()
+                .code,
+            11
+        );
+        assert_eq!(
+            contract
+                .call("product_delete", "{}", now())
+                .unwrap_err()
+                .code,
+            15
+        );
+        assert_eq!(
+            contract
+                .call("transaction_upd", "{}", now())
+                .unwrap_err()
+                .code,
+            33
+        );
+        let params = json!({"table_name": "Customer"}).to_string();
+        assert_eq!(
+            contract.call("stock_ref", &params, now()).unwrap_err().code,
+            31
+        );
+        let params = json!({"table_name": "Stock", "limit": 1001}).to_string();
+        assert_eq!(
+            contract.call("stock_ref", &params, now()).unwrap_err().code,
+            33
+        );
+    }
+
+    fn find(
+        contract: &mut Contract,
+        conditions: Value,
+        page: u64,
+        limit: u64,
+    ) -> Result<Value, ApiError> {
+        let params = json!({
+            "table_name": "TransactionHead",
+            "conditions": conditions,
+            "limit": limit,
+            "page": page,
+        });
+        contract.call("transaction_ref", &params.to_string(), now())
+    }
+
+    #[test]
+    fn transactions_are_found_by_terminal_and_window_and_paged() {
+        let mut contract = Contract::default();
+        for n in 1..=5 {
+            register(
+                &mut contract,
+                &upd(
+                    head(&format!("A{n}"), 1200),
+                    vec![line("1", "113", 1200, 1, "1")],
+                ),
+            )
+            .unwrap();
+        }
+        let window = |terminal_tran_id: &str| {
+            json!([{
+                "storeId": "1",
+                "terminalId": "9",
+                "terminalTranId": terminal_tran_id,
+                "terminalTranDateTime >=": "2026-11-21 00:00:00",
+                "terminalTranDateTime <=": "2026-11-23 23:59:59",
+            }])
+        };
+        let found = find(&mut contract, window("A3"), 1, 100).unwrap();
+        assert_eq!(found["total_count"], "1");
+        assert_eq!(found["result"][0]["terminalTranId"], "A3");
+        assert_eq!(
+            find(&mut contract, window("Z9"), 1, 100).unwrap()["total_count"],
+            "0"
+        );
+
+        let all = json!([{"transactionHeadId >=": "1", "transactionHeadId <=": "100"}]);
+        let page = find(&mut contract, all.clone(), 2, 2).unwrap();
+        assert_eq!(page["total_count"], "5");
+        let ids: Vec<&str> = page["result"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["transactionHeadId"].as_str().unwrap())
+            .collect();
+        assert_eq!(ids, ["3", "4"]);
+
+        for unbounded in [
+            json!([{"terminalTranId": "A3"}]),
+            json!([{"terminalTranDateTime >=": "2026-10-01 00:00:00", "terminalTranDateTime <=": "2026-11-23 00:00:00"}]),
+            json!([{"transactionHeadId >=": "1", "transactionHeadId <=": "200000"}]),
+        ] {
+            let error = find(&mut contract, unbounded.clone(), 1, 100).unwrap_err();
+            assert_eq!(error.code, 41, "{unbounded}");
+        }
+    }
+
+    #[test]
+    fn stock_is_read_by_store_and_product() {
+        let mut contract = Contract::default();
+        contract.set_stock("1", "113", 4, now());
+        contract.set_stock("1", "114", -2, now());
+        contract.set_stock("2", "113", 9, now());
+        let params = json!({"table_name": "Stock", "conditions": [{"storeId": "1", "productId": "114"}, {"storeId": "2"}]});
+        let answer = contract
+            .call("stock_ref", &params.to_string(), now())
+            .unwrap();
+        assert_eq!(answer["total_count"], "2");
+        assert_eq!(answer["result"][0]["stockAmount"], "-2");
+        assert_eq!(answer["result"][1]["storeId"], "2");
+        assert_eq!(answer["result"][1]["updDateTime"], NOW);
+    }
+
+    #[test]
+    fn the_contract_round_trips_through_its_state_file_format() {
+        let mut contract = Contract::default();
+        contract.set_stock("1", "113", 4, now());
+        register(
+            &mut contract,
+            &upd(head("A1", 1200), vec![line("1", "113", 1200, 1, "1")]),
+        )
+        .unwrap();
+        let saved = serde_json::to_string(&contract).unwrap();
+        assert_eq!(serde_json::from_str::<Contract>(&saved).unwrap(), contract);
+    }
 }

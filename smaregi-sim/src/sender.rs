@@ -32,9 +32,13 @@ impl Sender {
             let _ = roots.add(cert);
         }
         if let Some(path) = ca_file {
-            let ca_error = |e: &dyn std::fmt::Display| SendError::CaFile(path.display().to_string(), e.to_string());
+            let ca_error = |e: &dyn std::fmt::Display| {
+                SendError::CaFile(path.display().to_string(), e.to_string())
+            };
             for cert in CertificateDer::pem_file_iter(path).map_err(|e| ca_error(&e))? {
-                roots.add(cert.map_err(|e| ca_error(&e))?).map_err(|e| ca_error(&e))?;
+                roots
+                    .add(cert.map_err(|e| ca_error(&e))?)
+                    .map_err(|e| ca_error(&e))?;
             }
         }
         let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
@@ -59,17 +63,23 @@ impl Sender {
         params: &Value,
         custom: &[(String, String)],
     ) -> Result<(u16, String), SendError> {
-        let mut form = form_urlencoded::Serializer::new(String::new());
-        form.append_pair("proc_name", proc_name);
-        form.append_pair("params", &params.to_string());
-        for (key, value) in custom {
-            form.append_pair(key, value);
-        }
+        let body = {
+            let mut form = form_urlencoded::Serializer::new(String::new());
+            form.append_pair("proc_name", proc_name);
+            form.append_pair("params", &params.to_string());
+            for (key, value) in custom {
+                form.append_pair(key, value);
+            }
+            form.finish()
+        };
         let response = self
             .client
             .post(url)
-            .header("content-type", "application/x-www-form-urlencoded;charset=UTF-8")
-            .body(form.finish())
+            .header(
+                "content-type",
+                "application/x-www-form-urlencoded;charset=UTF-8",
+            )
+            .body(body)
             .send()
             .await?;
         let status = response.status().as_u16();

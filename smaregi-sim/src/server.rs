@@ -116,17 +116,22 @@ type Reply = Result<Response<Full<Bytes>>, Dropped>;
 
 impl Simulator {
     pub async fn start(config: SimConfig) -> Result<Self, SimError> {
-        let tls = config.tls.as_ref().map(|(cert, key)| acceptor(cert, key)).transpose()?;
+        let tls = config
+            .tls
+            .as_ref()
+            .map(|(cert, key)| acceptor(cert, key))
+            .transpose()?;
         let contract = match &config.state_file {
             Some(path) if path.exists() => load_state(path)?,
             _ => Contract::default(),
         };
-        let listener = TcpListener::bind(config.listen)
-            .await
-            .map_err(|source| SimError::Listen {
-                addr: config.listen,
-                source,
-            })?;
+        let listener =
+            TcpListener::bind(config.listen)
+                .await
+                .map_err(|source| SimError::Listen {
+                    addr: config.listen,
+                    source,
+                })?;
         let addr = listener.local_addr().map_err(|source| SimError::Listen {
             addr: config.listen,
             source,
@@ -142,8 +147,17 @@ impl Simulator {
             shutdown: CancellationToken::new(),
         });
         let tasks = TaskTracker::new();
-        tasks.spawn(accept_loop(listener, tls, Arc::clone(&shared), tasks.clone()));
-        Ok(Self { shared, addr, tasks })
+        tasks.spawn(accept_loop(
+            listener,
+            tls,
+            Arc::clone(&shared),
+            tasks.clone(),
+        ));
+        Ok(Self {
+            shared,
+            addr,
+            tasks,
+        })
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -293,7 +307,10 @@ async fn handle(shared: Arc<Shared>, request: Request<Incoming>) -> Reply {
     let path = request.uri().path().to_owned();
     let method = request.method().clone();
     let headers = request.headers().clone();
-    let body = match Limited::new(request.into_body(), MAX_BODY_BYTES).collect().await {
+    let body = match Limited::new(request.into_body(), MAX_BODY_BYTES)
+        .collect()
+        .await
+    {
         Ok(body) => body.to_bytes(),
         Err(e) => {
             let error = json!({"error": format!("cannot read the request body: {e}")});
@@ -302,8 +319,13 @@ async fn handle(shared: Arc<Shared>, request: Request<Incoming>) -> Reply {
     };
     match (method, path.as_str()) {
         (Method::POST, "/access/" | "/access") => access(&shared, &headers, &body).await,
-        (method, path) if path.starts_with("/_control/") => Ok(control(&shared, &method, path, &body)),
-        _ => Ok(respond(StatusCode::NOT_FOUND, &json!({"error": "not found"}))),
+        (method, path) if path.starts_with("/_control/") => {
+            Ok(control(&shared, &method, path, &body))
+        }
+        _ => Ok(respond(
+            StatusCode::NOT_FOUND,
+            &json!({"error": "not found"}),
+        )),
     }
 }
 
@@ -315,7 +337,8 @@ async fn access(shared: &Shared, headers: &hyper::HeaderMap, body: &[u8]) -> Rep
     if faults.latency_ms > 0 {
         tokio::time::sleep(Duration::from_millis(faults.latency_ms)).await;
     }
-    let in_maintenance = lock(&shared.maintenance_until).is_some_and(|until| Instant::now() < until);
+    let in_maintenance =
+        lock(&shared.maintenance_until).is_some_and(|until| Instant::now() < until);
     if in_maintenance {
         stats(|s| s.maintenance += 1);
         let body = json!({"error": "メンテナンス中です (maintenance)"});
@@ -327,7 +350,9 @@ async fn access(shared: &Shared, headers: &hyper::HeaderMap, body: &[u8]) -> Rep
             StatusCode::TOO_MANY_REQUESTS,
             &json!({"error": "リクエストが多すぎます (rate limited)"}),
         );
-        response.headers_mut().insert(RETRY_AFTER, "1".parse().expect("a header value"));
+        response
+            .headers_mut()
+            .insert(RETRY_AFTER, "1".parse().expect("a header value"));
         return Ok(response);
     }
     let injected = faults.draw(rand::random(), rand::random());
@@ -405,14 +430,18 @@ fn call(
     faults: &Faults,
 ) -> Result<(Value, bool), ApiError> {
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-    if !header("x_contract_id").is_some_and(|id| id == shared.config.contract_id) {
+    if header("x_contract_id") != Some(shared.config.contract_id.as_str()) {
         return Err(ApiError::new(14, "invalid_contract_id", "契約IDが不正です"));
     }
-    if !header("x_access_token").is_some_and(|token| token == shared.config.access_token) {
-        return Err(ApiError::new(13, "invalid_access_token", "アクセストークンが不正です"));
+    if header("x_access_token") != Some(shared.config.access_token.as_str()) {
+        return Err(ApiError::new(
+            13,
+            "invalid_access_token",
+            "アクセストークンが不正です",
+        ));
     }
-    let form_content = header("content-type")
-        .is_some_and(|t| t.starts_with("application/x-www-form-urlencoded"));
+    let form_content =
+        header("content-type").is_some_and(|t| t.starts_with("application/x-www-form-urlencoded"));
     if !form_content {
         return Err(ApiError::new(
             11,
@@ -430,7 +459,11 @@ fn call(
         }
     }
     let (Some(proc_name), Some(params)) = (proc_name, params) else {
-        return Err(ApiError::new(11, "invalid_request", "proc_name と params は必須です"));
+        return Err(ApiError::new(
+            11,
+            "invalid_request",
+            "proc_name と params は必須です",
+        ));
     };
     if faults.disabled.contains(&proc_name) {
         return Err(ApiError::new(
@@ -475,7 +508,10 @@ fn control(shared: &Shared, method: &Method, path: &str, body: &[u8]) -> Respons
                 Ok(window) => {
                     let until = Instant::now() + Duration::from_secs(window.seconds);
                     *lock(&shared.maintenance_until) = Some(until);
-                    respond(StatusCode::OK, &json!({"maintenance-seconds": window.seconds}))
+                    respond(
+                        StatusCode::OK,
+                        &json!({"maintenance-seconds": window.seconds}),
+                    )
                 }
                 Err(e) => bad(format!("maintenance: {e}")),
             }
@@ -493,14 +529,21 @@ fn control(shared: &Shared, method: &Method, path: &str, body: &[u8]) -> Respons
             }
             match serde_json::from_slice::<SetStock>(body) {
                 Ok(set) => {
-                    lock(&shared.contract).set_stock(&set.store_id, &set.product_id, set.amount, time::now());
+                    lock(&shared.contract).set_stock(
+                        &set.store_id,
+                        &set.product_id,
+                        set.amount,
+                        time::now(),
+                    );
                     respond(StatusCode::OK, &json!({"result": "ok"}))
                 }
                 Err(e) => bad(format!("stock: {e}")),
             }
         }
         (&Method::GET, "/_control/stats") => respond(StatusCode::OK, &json!(*lock(&shared.stats))),
-        _ => respond(StatusCode::NOT_FOUND, &json!({"error": "unknown control path"})),
+        _ => respond(
+            StatusCode::NOT_FOUND,
+            &json!({"error": "unknown control path"}),
+        ),
     }
 }
-

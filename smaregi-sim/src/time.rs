@@ -98,7 +98,11 @@ fn civil_from_days(days: i64) -> (i64, i64, i64) {
     let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
     let month_index = (5 * day_of_year + 2) / 153;
     let day = day_of_year - (153 * month_index + 2) / 5 + 1;
-    let month = if month_index < 10 { month_index + 3 } else { month_index - 9 };
+    let month = if month_index < 10 {
+        month_index + 3
+    } else {
+        month_index - 9
+    };
     let year = year_of_era + era * 400 + i64::from(month <= 2);
     (year, month, day)
 }
@@ -115,7 +119,10 @@ mod tests {
         assert_eq!(parse("2023-02-29 00:00:00"), None);
         assert_eq!(parse("2024-04-01 24:00:00"), None);
         assert_eq!(parse("2024-4-01 12:00:00"), None);
-        assert_eq!(format(parse("2026-11-22 17:04:09").unwrap()), "2026-11-22 17:04:09");
+        assert_eq!(
+            format(parse("2026-11-22 17:04:09").unwrap()),
+            "2026-11-22 17:04:09"
+        );
     }
 
     proptest! {

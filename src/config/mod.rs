@@ -56,6 +56,12 @@ pub mod defaults {
     pub const WEBHOOK_PATH: &str = "/smaregi/webhook";
     pub const SECRET_PARAMETER: &str = "relay_secret";
     pub const SMAREGI_ENDPOINT: &str = "https://webapi.smaregi.jp/access/";
+    pub const SMAREGI_CONNECT_TIMEOUT_SECONDS: u64 = 10;
+    /// Longer than Smaregi takes on a busy day, short enough that a hung
+    /// call does not hold a worker for long.
+    pub const SMAREGI_REQUEST_TIMEOUT_SECONDS: u64 = 30;
+    /// How far around a transaction's own time a look-up searches.
+    pub const SMAREGI_LOOKUP_WINDOW_HOURS: u64 = 24;
     pub const MAPPING_FALLBACK: super::MappingFallback = super::MappingFallback::Identity;
     pub const OUTBOX_WORKERS: u16 = 4;
     pub const OUTBOX_MAX_AGE_HOURS: u64 = 72;
@@ -211,6 +217,35 @@ pub struct SmaregiConfig {
     pub contract_id: String,
     /// アクセストークン.
     pub access_token: Secret,
+    /// The 端末ID our transactions are registered under (a terminal set up
+    /// in Smaregi for the online shop).
+    pub terminal_id: String,
+    #[serde(default = "default_smaregi_connect_timeout")]
+    pub connect_timeout_seconds: u64,
+    /// For the whole call, answer included.
+    #[serde(default = "default_smaregi_request_timeout")]
+    pub request_timeout_seconds: u64,
+    /// A PEM certificate to trust besides the system's roots (an inspecting
+    /// proxy, or the simulator).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// A look-up for a transaction whose registration may have happened
+    /// searches this many hours either side of its time (at most 360:
+    /// Smaregi searches at most 31 days).
+    #[serde(default = "default_smaregi_lookup_window")]
+    pub lookup_window_hours: u64,
+}
+
+fn default_smaregi_connect_timeout() -> u64 {
+    defaults::SMAREGI_CONNECT_TIMEOUT_SECONDS
+}
+
+fn default_smaregi_request_timeout() -> u64 {
+    defaults::SMAREGI_REQUEST_TIMEOUT_SECONDS
+}
+
+fn default_smaregi_lookup_window() -> u64 {
+    defaults::SMAREGI_LOOKUP_WINDOW_HOURS
 }
 
 fn default_smaregi_endpoint() -> String {
@@ -356,6 +391,7 @@ impl Config {
             self.listener.tls_certificate.as_mut(),
             self.listener.tls_private_key.as_mut(),
             self.mapping.drop_directory.as_mut(),
+            self.smaregi.as_mut().and_then(|s| s.ca_file.as_mut()),
         ]
         .into_iter()
         .flatten()
@@ -559,6 +595,13 @@ impl Section for IntakeConfig {
 impl Section for SmaregiConfig {
     fn secrets_mut(&mut self) -> Vec<(&'static [&'static str], &mut Secret)> {
         vec![(&["smaregi", "access-token"], &mut self.access_token)]
+    }
+
+    fn files(&self) -> Vec<(&'static [&'static str], &Path, bool)> {
+        (self.ca_file.as_deref())
+            .map(|path| (&["smaregi", "ca-file"][..], path, false))
+            .into_iter()
+            .collect()
     }
 }
 

@@ -173,7 +173,48 @@ impl Validate for SmaregiConfig {
                 self.contract_id
             ),
         );
+        check(
+            problems,
+            is_terminal_id(&self.terminal_id),
+            &["smaregi", "terminal-id"],
+            format!(
+                "`{}` is not a terminal id (端末ID): 1 to 9 digits, not starting with 0",
+                self.terminal_id
+            ),
+        );
+        const CONNECT: &[&str] = &["smaregi", "connect-timeout-seconds"];
+        const REQUEST: &[&str] = &["smaregi", "request-timeout-seconds"];
+        for (key, value) in [
+            (CONNECT, self.connect_timeout_seconds),
+            (REQUEST, self.request_timeout_seconds),
+        ] {
+            check(
+                problems,
+                (1..=600).contains(&value),
+                key,
+                format!("{value} is out of range: use 1 to 600 seconds"),
+            );
+        }
+        check(
+            problems,
+            (1..=MAX_LOOKUP_WINDOW_HOURS).contains(&self.lookup_window_hours),
+            &["smaregi", "lookup-window-hours"],
+            format!(
+                "{} is out of range: use 1 to {MAX_LOOKUP_WINDOW_HOURS} (both sides together stay within Smaregi's 31-day search limit)",
+                self.lookup_window_hours
+            ),
+        );
     }
+}
+
+/// Half of Smaregi's 31-day search window, rounded down to whole days.
+const MAX_LOOKUP_WINDOW_HOURS: u64 = 15 * 24;
+
+/// Smaregi's 端末ID: `^[1-9][0-9]{0,8}$` (SMAREGI.md §4).
+pub fn is_terminal_id(text: &str) -> bool {
+    (1..=9).contains(&text.len())
+        && text.bytes().all(|b| b.is_ascii_digit())
+        && !text.starts_with('0')
 }
 
 impl Validate for OutboxConfig {

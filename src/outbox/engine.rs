@@ -47,6 +47,12 @@ pub enum AttemptOutcome {
         reason: String,
         retry_after: Option<Duration>,
     },
+    /// Like `Retry`, for a write that may have taken effect: recorded as
+    /// [`ErrorClass::Ambiguous`] so that the next attempt checks first.
+    Ambiguous {
+        reason: String,
+        retry_after: Option<Duration>,
+    },
     /// Trying again cannot help: park with the reason.
     Permanent {
         reason: String,
@@ -543,10 +549,18 @@ impl Engine {
                 inner.queue.complete(id, now)?;
                 Settled::Done(id)
             }
-            Ok(AttemptOutcome::Retry {
-                reason,
-                retry_after,
-            }) => {
+            Ok(outcome @ (AttemptOutcome::Retry { .. } | AttemptOutcome::Ambiguous { .. })) => {
+                let (class, reason, retry_after) = match outcome {
+                    AttemptOutcome::Ambiguous {
+                        reason,
+                        retry_after,
+                    } => (ErrorClass::Ambiguous, reason, retry_after),
+                    AttemptOutcome::Retry {
+                        reason,
+                        retry_after,
+                    } => (ErrorClass::Retryable, reason, retry_after),
+                    _ => unreachable!("matched above"),
+                };
                 let failures = job.attempts + 1;
                 match inner.policy.decide(
                     failures,
@@ -556,7 +570,7 @@ impl Engine {
                     rand::random(),
                 ) {
                     RetryDecision::RetryAt(at) => {
-                        let error = JobError::new(ErrorClass::Retryable, &reason, now);
+                        let error = JobError::new(class, &reason, now);
                         inner.queue.reschedule(id, at, error)?;
                         Settled::Rescheduled(id)
                     }

@@ -88,6 +88,9 @@ impl std::str::FromStr for JobState {
 pub enum ErrorClass {
     /// Worth trying again (timeouts, 5xx, resets).
     Retryable,
+    /// A write whose outcome is unknown (a timeout or reset after it was
+    /// sent): the executor must find out before sending it again.
+    Ambiguous,
     /// Trying again cannot help (validation errors).
     Permanent,
     /// Credentials or configuration: the upstream is paused, not the job.

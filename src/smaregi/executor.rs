@@ -1,0 +1,152 @@
+//! The executors of the register and cancel jobs: exactly one effect in
+//! Smaregi per job, however often a job is attempted.
+//!
+//! Before the first send of a transaction, the ledger durably notes that
+//! a send started. From then on, before sending again, the executor looks
+//! the transaction up in Smaregi by its fixed `terminalTranId`: a
+//! registration whose answer was lost (a timeout, a reset, a crash) is
+//! found and recorded instead of being sent twice.
+
+use super::api::CallError;
+use super::client::SmaregiClient;
+use super::jobs::{CancelPayload, RegisterPayload, PAYLOAD_VERSION};
+use super::ledger::{Ledger, LedgerError};
+use super::sale::Sale;
+use crate::outbox::engine::{AttemptOutcome, BoxFuture, Executor};
+use crate::outbox::job::Job;
+
+/// Runs `smaregi.transaction-register` and `smaregi.transaction-cancel`.
+#[derive(Debug, Clone)]
+pub struct TransactionExecutor {
+    client: SmaregiClient,
+    ledger: Ledger,
+}
+
+/// The register jobs' executor.
+#[derive(Debug, Clone)]
+pub struct RegisterExecutor(pub TransactionExecutor);
+
+/// The cancel jobs' executor.
+#[derive(Debug, Clone)]
+pub struct CancelExecutor(pub TransactionExecutor);
+
+fn store_failed(error: LedgerError) -> AttemptOutcome {
+    AttemptOutcome::Retry {
+        reason: format!("cannot read or write the local ledger: {error}"),
+        retry_after: None,
+    }
+}
+
+fn decode<T: serde::de::DeserializeOwned>(job: &Job) -> Result<T, AttemptOutcome> {
+    let version = job.payload.get("v").and_then(serde_json::Value::as_u64);
+    if version != Some(u64::from(PAYLOAD_VERSION)) {
+        return Err(AttemptOutcome::Undecodable {
+            reason: format!(
+                "payload version {version:?} is not the version {PAYLOAD_VERSION} this relay understands"
+            ),
+        });
+    }
+    serde_json::from_value(job.payload.clone()).map_err(|e| AttemptOutcome::Undecodable {
+        reason: format!("the payload does not decode: {e}"),
+    })
+}
+
+impl TransactionExecutor {
+    pub fn new(client: SmaregiClient, ledger: Ledger) -> Self {
+        Self { client, ledger }
+    }
+
+    /// Registers `sale` unless it already is; see the module docs.
+    async fn deliver(&self, sale: &Sale) -> AttemptOutcome {
+        let (terminal, tran) = (&sale.terminal_id, &sale.terminal_tran_id);
+        match self.ledger.registered(terminal, tran) {
+            Ok(Some(_)) => return AttemptOutcome::Success,
+            Ok(None) => {}
+            Err(e) => return store_failed(e),
+        }
+        match self.ledger.send_started(terminal, tran) {
+            Ok(true) => match self.client.find_registered(sale).await {
+                Ok(Some(id)) => return self.registered(sale, id).await,
+                Ok(None) => {}
+                Err(e) => return lookup_failed(&e),
+            },
+            Ok(false) => {
+                if let Err(e) = self.ledger.record_send_started(terminal, tran).await {
+                    return store_failed(e);
+                }
+            }
+            Err(e) => return store_failed(e),
+        }
+        match self.client.register(sale).await {
+            Ok(id) => self.registered(sale, id).await,
+            Err(e) => e.outcome(true),
+        }
+    }
+
+    async fn registered(&self, sale: &Sale, id: u64) -> AttemptOutcome {
+        match self
+            .ledger
+            .record_registered(&sale.terminal_id, &sale.terminal_tran_id, id)
+            .await
+        {
+            Ok(()) => AttemptOutcome::Success,
+            // Not recorded: the next attempt finds it by looking it up.
+            Err(e) => store_failed(e),
+        }
+    }
+}
+
+/// A failed look-up: nothing was written, so it is never ambiguous.
+fn lookup_failed(error: &CallError) -> AttemptOutcome {
+    match error.outcome(false) {
+        AttemptOutcome::Retry {
+            reason,
+            retry_after,
+        } => AttemptOutcome::Retry {
+            reason: format!("look-up before sending again failed: {reason}"),
+            retry_after,
+        },
+        other => other,
+    }
+}
+
+impl Executor for RegisterExecutor {
+    fn execute<'a>(&'a self, job: &'a Job) -> BoxFuture<'a, AttemptOutcome> {
+        Box::pin(async move {
+            match decode::<RegisterPayload>(job) {
+                Ok(payload) => self.0.deliver(&payload.sale).await,
+                Err(outcome) => outcome,
+            }
+        })
+    }
+}
+
+impl Executor for CancelExecutor {
+    fn execute<'a>(&'a self, job: &'a Job) -> BoxFuture<'a, AttemptOutcome> {
+        Box::pin(async move {
+            let payload = match decode::<CancelPayload>(job) {
+                Ok(payload) => payload,
+                Err(outcome) => return outcome,
+            };
+            let mut reversal = payload.reversal;
+            let original = self
+                .0
+                .ledger
+                .registered(&reversal.terminal_id, &payload.original_terminal_tran_id);
+            match original {
+                Ok(Some(id)) => reversal.dispose_of = Some(id),
+                Ok(None) => {
+                    return AttemptOutcome::Permanent {
+                        reason: format!(
+                            "transaction {} of terminal {} was never registered in Smaregi, so there \
+                             is nothing to cancel; discard this job if its registration was discarded",
+                            payload.original_terminal_tran_id, reversal.terminal_id
+                        ),
+                    }
+                }
+                Err(e) => return store_failed(e),
+            }
+            self.0.deliver(&reversal).await
+        })
+    }
+}

@@ -1,0 +1,153 @@
+//! What the relay knows of its own registrations in Smaregi, in the
+//! `smaregi` tree:
+//!
+//! | key | value | what |
+//! |---|---|---|
+//! | `T` terminal | next number | the per-terminal counter behind `terminalTranId` |
+//! | `S` terminal `␀` terminalTranId | — | a send was started: its outcome may be unknown |
+//! | `R` terminal `␀` terminalTranId | transactionHeadId | registered, with Smaregi's id |
+//!
+//! A `terminalTranId` is taken from the counter in the same transaction
+//! that creates its job, so it is fixed before anything is sent and never
+//! reused. The `S` record is committed before the first send: after any
+//! crash or unknown outcome, the next attempt looks the transaction up in
+//! Smaregi before it sends again. `R` records let a cancel refer to its
+//! original.
+
+use sled::transaction::{
+    ConflictableTransactionError, ConflictableTransactionResult, TransactionalTree,
+};
+
+use crate::store::keys::{decode_u64_key, u64_key};
+use crate::store::{Store, StoreError, TreeName};
+
+pub const SMAREGI: TreeName = TreeName::new("smaregi");
+
+const COUNTER: u8 = b'T';
+const SENDING: u8 = b'S';
+const REGISTERED: u8 = b'R';
+
+/// `terminalTranId`s are at most 10 characters: decimal numbers below this.
+pub const MAX_TERMINAL_TRAN_NUMBER: u64 = 9_999_999_999;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    #[error("terminal {0} has used every terminalTranId (10 digits)")]
+    CounterExhausted(String),
+    #[error("smaregi ledger record is corrupt: {0}")]
+    Corrupt(String),
+    #[error("{0}")]
+    Store(#[from] StoreError),
+}
+
+fn record(tag: u8, terminal: &str, terminal_tran_id: &str) -> Vec<u8> {
+    let mut key = vec![tag];
+    key.extend_from_slice(terminal.as_bytes());
+    key.push(0);
+    key.extend_from_slice(terminal_tran_id.as_bytes());
+    key
+}
+
+fn counter_record(terminal: &str) -> Vec<u8> {
+    let mut key = vec![COUNTER];
+    key.extend_from_slice(terminal.as_bytes());
+    key
+}
+
+/// The `smaregi` tree.
+#[derive(Debug, Clone)]
+pub struct Ledger {
+    store: Store,
+    tree: sled::Tree,
+}
+
+impl Ledger {
+    pub fn open(store: &Store) -> Result<Self, StoreError> {
+        Ok(Self {
+            tree: store.tree(SMAREGI)?,
+            store: store.clone(),
+        })
+    }
+
+    /// The tree, for transactions that span it and the outbox.
+    pub fn tree(&self) -> &sled::Tree {
+        &self.tree
+    }
+
+    /// Takes the next `terminalTranId` of `terminal` inside the caller's
+    /// transaction.
+    pub fn next_terminal_tran_id(
+        ledger: &TransactionalTree,
+        terminal: &str,
+    ) -> ConflictableTransactionResult<String, LedgerError> {
+        let key = counter_record(terminal);
+        let next = match ledger.get(&key)? {
+            None => 1,
+            Some(bytes) => decode_u64_key(&bytes).map_err(|e| {
+                ConflictableTransactionError::Abort(LedgerError::Corrupt(format!("counter: {e}")))
+            })?,
+        };
+        if next > MAX_TERMINAL_TRAN_NUMBER {
+            return Err(ConflictableTransactionError::Abort(
+                LedgerError::CounterExhausted(terminal.to_owned()),
+            ));
+        }
+        ledger.insert(key, &u64_key(next + 1))?;
+        Ok(next.to_string())
+    }
+
+    /// Smaregi's id of a registered transaction, if we know it.
+    pub fn registered(
+        &self,
+        terminal: &str,
+        terminal_tran_id: &str,
+    ) -> Result<Option<u64>, LedgerError> {
+        let value = self.store.check(self.tree.get(record(
+            REGISTERED,
+            terminal,
+            terminal_tran_id,
+        )))?;
+        value
+            .map(|bytes| {
+                decode_u64_key(&bytes)
+                    .map_err(|e| LedgerError::Corrupt(format!("registration: {e}")))
+            })
+            .transpose()
+    }
+
+    /// Records a registration and commits it.
+    pub async fn record_registered(
+        &self,
+        terminal: &str,
+        terminal_tran_id: &str,
+        transaction_head_id: u64,
+    ) -> Result<(), LedgerError> {
+        let key = record(REGISTERED, terminal, terminal_tran_id);
+        self.store
+            .check(self.tree.insert(key, &u64_key(transaction_head_id)))?;
+        self.store.commit().await?;
+        Ok(())
+    }
+
+    /// Whether a send of this transaction was ever started.
+    pub fn send_started(
+        &self,
+        terminal: &str,
+        terminal_tran_id: &str,
+    ) -> Result<bool, LedgerError> {
+        let key = record(SENDING, terminal, terminal_tran_id);
+        Ok(self.store.check(self.tree.contains_key(key))?)
+    }
+
+    /// Records, durably, that a send is about to start.
+    pub async fn record_send_started(
+        &self,
+        terminal: &str,
+        terminal_tran_id: &str,
+    ) -> Result<(), LedgerError> {
+        let key = record(SENDING, terminal, terminal_tran_id);
+        self.store.check(self.tree.insert(key, &[]))?;
+        self.store.commit().await?;
+        Ok(())
+    }
+}
