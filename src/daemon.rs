@@ -1,6 +1,7 @@
 //! The daemon: start-up order, readiness, shutdown.
 //!
-//! Start-up: config → logging → store → components → `READY=1`. Then it
+//! Start-up: config → logging → store → components (the outbox engine,
+//! with the executors of every configured upstream) → `READY=1`. Then it
 //! waits for SIGTERM or SIGINT, cancels the one shutdown token every task
 //! holds, gives the tasks `shutdown-timeout-seconds` to finish, makes a
 //! final durable commit and returns.
@@ -13,14 +14,20 @@
 //! lives in its own module.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
-use crate::config::{self, ConfigError, LoadedConfig};
+use crate::config::{self, Config, ConfigError, LoadedConfig};
+use crate::outbox::engine::{Engine, EngineBuilder, EngineError};
+use crate::smaregi::client::{ClientError, SmaregiClient};
+use crate::smaregi::executor::{CancelExecutor, RegisterExecutor, TransactionExecutor};
+use crate::smaregi::jobs::{CANCEL_KIND, REGISTER_KIND, UPSTREAM as SMAREGI};
+use crate::smaregi::ledger::Ledger;
 use crate::store::{Store, StoreError, StoreOptions};
 use crate::telemetry::{self, TelemetryError};
 
@@ -36,6 +43,10 @@ pub enum DaemonError {
     Runtime(#[source] std::io::Error),
     #[error("cannot install the signal handlers: {0}")]
     Signals(#[source] std::io::Error),
+    #[error("{0}")]
+    Outbox(#[from] EngineError),
+    #[error("[smaregi]: {0}")]
+    SmaregiClient(#[from] ClientError),
 }
 
 impl DaemonError {
@@ -47,6 +58,9 @@ impl DaemonError {
             Self::Telemetry(_) => crate::exit::CONFIG,
             Self::Store(e) => e.exit_code(),
             Self::Runtime(_) | Self::Signals(_) => crate::exit::SOFTWARE,
+            Self::Outbox(EngineError::Store(e)) => e.exit_code(),
+            Self::Outbox(_) => crate::exit::SOFTWARE,
+            Self::SmaregiClient(_) => crate::exit::CONFIG,
         }
     }
 }
@@ -90,7 +104,21 @@ async fn serve(loaded: LoadedConfig) -> Result<(), DaemonError> {
 
     let shutdown = CancellationToken::new();
     let tasks = TaskTracker::new();
-    // Components spawn here with `tasks.spawn(..)` and a `shutdown` clone.
+    let engine = match outbox_engine(&store, &config) {
+        Ok(engine) => engine,
+        Err(error) => {
+            store.close().await?;
+            return Err(error);
+        }
+    };
+    tasks.spawn({
+        let shutdown = shutdown.clone();
+        async move {
+            if let Err(e) = engine.run(shutdown).await {
+                error!(error = %e, "outbox engine stopped");
+            }
+        }
+    });
     tasks.close();
 
     notify(&[("READY", "1"), ("STATUS", "running")]);
@@ -122,6 +150,26 @@ async fn serve(loaded: LoadedConfig) -> Result<(), DaemonError> {
     }
     info!("stopped cleanly");
     Ok(())
+}
+
+/// The outbox engine with the executors of every configured upstream.
+fn outbox_engine(store: &Store, config: &Config) -> Result<Engine, DaemonError> {
+    let mut builder = EngineBuilder::new(store, &config.outbox)?;
+    if let Some(smaregi) = &config.smaregi {
+        let executor = TransactionExecutor::new(SmaregiClient::new(smaregi)?, Ledger::open(store)?);
+        builder = builder
+            .executor(
+                REGISTER_KIND,
+                SMAREGI,
+                Arc::new(RegisterExecutor(executor.clone())),
+            )
+            .executor(CANCEL_KIND, SMAREGI, Arc::new(CancelExecutor(executor)));
+    }
+    let engine = builder.build()?;
+    for (upstream, pause) in engine.paused() {
+        warn!(upstream, reason = %pause.reason, "outbox: upstream paused by an operator; `resume` delivers again");
+    }
+    Ok(engine)
 }
 
 /// Leaks a store that failed, so that sled's destructors never run on it:

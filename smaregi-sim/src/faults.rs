@@ -18,6 +18,10 @@ pub struct Faults {
     /// Do the call (store the transaction), then answer 500 or drop the
     /// connection (half each): the caller cannot know it succeeded.
     pub commit_then_fail_rate: f64,
+    /// Answer 200 with something that is not the call's answer (an HTML
+    /// page, truncated JSON, an empty `TransactionHeadIds`, wrong types),
+    /// after doing the call or not (half each).
+    pub malformed_rate: f64,
     /// Added before every answer.
     pub latency_ms: u64,
     /// `proc_name`s that answer error 23 (function disabled in 機能設定).
@@ -32,6 +36,7 @@ impl Default for Faults {
             hang_rate: 0.0,
             hang_ms: 30_000,
             commit_then_fail_rate: 0.0,
+            malformed_rate: 0.0,
             latency_ms: 0,
             disabled: Vec::new(),
         }
@@ -47,6 +52,8 @@ pub enum Injected {
     Hang(Duration),
     CommitThenError,
     CommitThenReset,
+    /// A malformed 200, with or without doing the call first.
+    Malformed { commit: bool },
 }
 
 impl Faults {
@@ -70,6 +77,8 @@ impl Faults {
             } else {
                 Injected::CommitThenReset
             }
+        } else if next(self.malformed_rate) {
+            Injected::Malformed { commit: coin }
         } else {
             Injected::None
         }
@@ -95,6 +104,11 @@ mod tests {
         assert_eq!(faults.draw(0.35, true), Injected::CommitThenError);
         assert_eq!(faults.draw(0.35, false), Injected::CommitThenReset);
         assert_eq!(faults.draw(0.45, true), Injected::None);
+        let malformed = Faults {
+            malformed_rate: 0.5,
+            ..Faults::default()
+        };
+        assert_eq!(malformed.draw(0.2, false), Injected::Malformed { commit: false });
         assert_eq!(Faults::default().draw(0.0, true), Injected::None);
     }
 }

@@ -82,6 +82,7 @@ pub struct Stats {
     pub injected_resets: u64,
     pub injected_hangs: u64,
     pub commit_then_fail: u64,
+    pub malformed: u64,
     pub maintenance: u64,
     pub rate_limited: u64,
 }
@@ -376,7 +377,14 @@ async fn access(shared: &Shared, headers: &hyper::HeaderMap, body: &[u8]) -> Rep
             }
             return Err(Dropped);
         }
-        Injected::None | Injected::CommitThenError | Injected::CommitThenReset => {}
+        Injected::Malformed { commit: false } => {
+            stats(|s| s.malformed += 1);
+            return Ok(malformed_answer());
+        }
+        Injected::None
+        | Injected::CommitThenError
+        | Injected::CommitThenReset
+        | Injected::Malformed { commit: true } => {}
     }
 
     let answer = call(shared, headers, body, &faults);
@@ -400,8 +408,28 @@ async fn access(shared: &Shared, headers: &hyper::HeaderMap, body: &[u8]) -> Rep
             stats(|s| s.commit_then_fail += 1);
             Err(Dropped)
         }
+        (Ok(_), Injected::Malformed { commit: true }) => {
+            stats(|s| s.malformed += 1);
+            Ok(malformed_answer())
+        }
         (Ok((result, _)), _) => Ok(respond(StatusCode::OK, &result)),
     }
+}
+
+/// One of the answers a broken proxy or a bad day at Smaregi gives.
+fn malformed_answer() -> Response<Full<Bytes>> {
+    let bodies: [(&str, &str); 4] = [
+        ("text/html", "<html><head><title>502 Bad Gateway</title></head><body>nginx</body></html>"),
+        ("application/json", r#"{"result":{"TransactionHead":1,"TransactionHe"#),
+        ("application/json", r#"{"result":{"TransactionHead":1,"TransactionHeadIds":[],"TransactionDetail":1}}"#),
+        ("application/json", r#"{"total_count":1,"result":[{"storeId":{"id":1}}]}"#),
+    ];
+    let (content_type, body) = bodies[rand::random_range(0..bodies.len())];
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(CONTENT_TYPE, content_type)
+        .body(Full::new(Bytes::from_static(body.as_bytes())))
+        .expect("a valid response")
 }
 
 fn take_token(shared: &Shared) -> bool {

@@ -212,3 +212,5 @@ pub fn open_raw_sled(path: &Path) -> sled::Db {
         .open()
         .unwrap()
 }
+
+pub mod smaregi;
