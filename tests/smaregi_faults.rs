@@ -1,0 +1,220 @@
+//! The fault campaign: register and cancel jobs through the real outbox
+//! and executors to the simulator, which fails a third of all calls in
+//! every way it knows (500s, resets, hangs past the client's timeout,
+//! writes that succeed and then fail, malformed answers). At the end the
+//! simulator must hold exactly the expected transactions: none missing,
+//! none twice, every cancel applied once to its own original.
+//!
+//! The default run drives 2,000 jobs; `-- --ignored` runs 20,000.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use smaregi_relay::outbox::engine::{EngineBuilder, Settled};
+use smaregi_relay::outbox::job::JobState;
+use smaregi_relay::smaregi::client::SmaregiClient;
+use smaregi_relay::smaregi::executor::{CancelExecutor, RegisterExecutor, TransactionExecutor};
+use smaregi_relay::smaregi::jobs::{SaleJobs, CANCEL_KIND, REGISTER_KIND, UPSTREAM};
+use smaregi_relay::smaregi::ledger::Ledger;
+use smaregi_relay::smaregi::sale::{Sale, SaleLine};
+use smaregi_relay::store::Store;
+use smaregi_sim::{Faults, Simulator};
+use tokio_util::sync::CancellationToken;
+
+mod common;
+use common::smaregi::{relay_config, simulator, TERMINAL};
+
+/// Every kind of fault: 36 % of all calls together.
+pub fn campaign_faults() -> Faults {
+    Faults {
+        error_rate: 0.07,
+        reset_rate: 0.07,
+        hang_rate: 0.02,
+        hang_ms: 1_500,
+        commit_then_fail_rate: 0.12,
+        malformed_rate: 0.08,
+        ..Faults::default()
+    }
+}
+
+fn template(order: usize) -> Sale {
+    Sale {
+        store_id: "1".into(),
+        terminal_id: TERMINAL.into(),
+        terminal_tran_id: String::new(),
+        terminal_tran_date_time: String::new(),
+        lines: vec![
+            SaleLine {
+                product_id: Some("113".into()),
+                product_code: None,
+                product_name: Some("緑茶 500ml".into()),
+                sales_price: 150,
+                quantity: 1 + (order % 3) as i64,
+                returned: false,
+            },
+            SaleLine {
+                product_id: Some("114".into()),
+                product_code: None,
+                product_name: None,
+                sales_price: 980,
+                quantity: 1,
+                returned: false,
+            },
+        ],
+        discount: 0,
+        tax_exclude: 0,
+        carriage: 500,
+        commission: 0,
+        customer_id: None,
+        memo: Some(format!("EC order {order}")),
+        dispose_of: None,
+    }
+}
+
+/// What the simulator must end up holding: per register, its
+/// terminalTranId; per cancel, its own and its original's.
+#[derive(Default)]
+struct Expected {
+    registers: Vec<String>,
+    /// reversal terminalTranId → original terminalTranId.
+    cancels: BTreeMap<String, String>,
+}
+
+/// Checks the simulator's transactions against what was enqueued.
+fn check_exactly_once(sim: &Simulator, expected: &Expected) -> Result<(), String> {
+    let contract = sim.contract();
+    let mut by_tran_id: HashMap<String, Vec<u64>> = HashMap::new();
+    for (id, transaction) in &contract.transactions {
+        if transaction.field("terminalId") != Some(TERMINAL) {
+            return Err(format!("transaction {id} is on another terminal"));
+        }
+        let tran = transaction.field("terminalTranId").unwrap_or("").to_owned();
+        by_tran_id.entry(tran).or_default().push(*id);
+    }
+    let duplicates: Vec<_> = by_tran_id.iter().filter(|(_, ids)| ids.len() > 1).collect();
+    if !duplicates.is_empty() {
+        return Err(format!("{} registered twice, e.g. {:?}", duplicates.len(), duplicates[0]));
+    }
+    let expected_count = expected.registers.len() + expected.cancels.len();
+    if contract.transactions.len() != expected_count {
+        return Err(format!(
+            "{} transactions in Smaregi, {expected_count} expected",
+            contract.transactions.len()
+        ));
+    }
+    let id_of = |tran: &str| by_tran_id.get(tran).map(|ids| ids[0]);
+    for tran in &expected.registers {
+        if id_of(tran).is_none() {
+            return Err(format!("registration {tran} is missing"));
+        }
+    }
+    for (reversal, original) in &expected.cancels {
+        let Some(id) = id_of(reversal) else {
+            return Err(format!("cancel {reversal} is missing"));
+        };
+        let points_at = contract.transactions[&id].field("disposeServerTransactionHeadId");
+        let original_id = id_of(original).map(|id| id.to_string());
+        if points_at != original_id.as_deref() {
+            return Err(format!(
+                "cancel {reversal} points at {points_at:?}, its original is {original_id:?}"
+            ));
+        }
+    }
+    Ok(())
+}
+
+async fn campaign(orders: usize) {
+    let sim = simulator().await;
+    let temp = tempfile::tempdir().unwrap();
+    let mut config = relay_config(temp.path(), &sim.url(), "request-timeout-seconds = 1");
+    config.outbox.workers = 16;
+    config.outbox.retry_schedule_seconds = vec![0];
+    config.outbox.retry_repeat_seconds = 0;
+    config.outbox.rate_limit.clear();
+    config
+        .outbox
+        .rate_limit
+        .insert(UPSTREAM.into(), smaregi_relay::config::RateLimit { per_second: 1e6, burst: 1_000_000 });
+    let store = Store::open(&common::store_options(&temp.path().join("db"))).unwrap();
+
+    let jobs = SaleJobs::open(&store).unwrap();
+    let mut expected = Expected::default();
+    let mut job_count = 0;
+    for order in 0..orders {
+        let key = format!("order:{order}");
+        let (_, sale) = jobs.register(&key, &template(order)).await.unwrap();
+        expected.registers.push(sale.terminal_tran_id.clone());
+        job_count += 1;
+        if order % 3 == 0 {
+            let (_, reversal) = jobs.cancel(&key, &sale).await.unwrap();
+            expected.cancels.insert(reversal.terminal_tran_id, sale.terminal_tran_id);
+            job_count += 1;
+        }
+    }
+
+    sim.set_faults(campaign_faults());
+    let smaregi = config.smaregi.as_ref().unwrap();
+    let executor = TransactionExecutor::new(SmaregiClient::new(smaregi).unwrap(), Ledger::open(&store).unwrap());
+    let engine = EngineBuilder::new(&store, &config.outbox)
+        .unwrap()
+        .executor(REGISTER_KIND, UPSTREAM, Arc::new(RegisterExecutor(executor.clone())))
+        .executor(CANCEL_KIND, UPSTREAM, Arc::new(CancelExecutor(executor)))
+        .build()
+        .unwrap();
+    let mut settled = engine.settled();
+    let shutdown = CancellationToken::new();
+    let running = tokio::spawn(engine.clone().run(shutdown.clone()));
+
+    let mut done = 0;
+    let deadline = std::time::Duration::from_secs(600);
+    tokio::time::timeout(deadline, async {
+        while done < job_count {
+            match settled.recv().await {
+                Ok(Settled::Done(_)) => done += 1,
+                Ok(Settled::Rescheduled(_)) => {}
+                Ok(other) => {
+                    let job = engine.queue().job(other.job()).unwrap().unwrap();
+                    panic!("{other:?}: {:?}", job.last_error);
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                    // Fall back to the counts, which are exact.
+                    let status = engine.status().unwrap();
+                    done = status.total(JobState::Done) as usize;
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+    })
+    .await
+    .expect("every job is done in time");
+    shutdown.cancel();
+    running.await.unwrap().unwrap();
+
+    let status = engine.status().unwrap();
+    assert_eq!(status.total(JobState::Done) as usize, job_count);
+    let stats = sim.stats();
+    let faults = stats.injected_errors + stats.injected_resets + stats.injected_hangs + stats.commit_then_fail + stats.malformed;
+    println!("{job_count} jobs, {} calls, {faults} faults injected: {stats:?}", stats.calls);
+    assert!(
+        faults * 100 >= stats.calls * 30,
+        "only {faults} of {} calls failed",
+        stats.calls
+    );
+    assert!(stats.commit_then_fail > 0 && stats.injected_hangs > 0 && stats.injected_resets > 0);
+    if let Err(problem) = check_exactly_once(&sim, &expected) {
+        panic!("{problem}");
+    }
+    store.close().await.unwrap();
+    sim.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_thousand_jobs_through_a_third_of_calls_failing_take_effect_exactly_once() {
+    campaign(1_500).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "campaign: 20,000 jobs; run with --ignored"]
+async fn twenty_thousand_jobs_take_effect_exactly_once() {
+    campaign(15_000).await;
+}
