@@ -16,7 +16,9 @@ fn sale(terminal_tran_id: &str) -> Sale {
         store_id: "1".into(),
         terminal_id: TERMINAL.into(),
         terminal_tran_id: terminal_tran_id.into(),
-        terminal_tran_date_time: smaregi_relay::smaregi::jst::format(smaregi_relay::smaregi::jst::now()),
+        terminal_tran_date_time: smaregi_relay::smaregi::jst::format(
+            smaregi_relay::smaregi::jst::now(),
+        ),
         lines: vec![SaleLine {
             product_id: Some("113".into()),
             product_code: Some("4901234567894".into()),
@@ -62,14 +64,24 @@ async fn registers_finds_and_reads_stock() {
     assert_eq!(stored.field("terminalTranId"), Some("1"));
     assert_eq!(stored.field("total"), Some("800"));
     assert_eq!(setup.client.find_registered(&sale).await.unwrap(), Some(id));
-    assert_eq!(setup.client.find_registered(&self::sale("2")).await.unwrap(), None);
+    assert_eq!(
+        setup
+            .client
+            .find_registered(&self::sale("2"))
+            .await
+            .unwrap(),
+        None
+    );
 
     // A reversal points at its original and puts the stock back.
     let mut reversal = sale.reversal("2", &sale.terminal_tran_date_time);
     reversal.dispose_of = Some(id);
     let reversal_id = setup.client.register(&reversal).await.unwrap();
     let stored = &sim.contract().transactions[&reversal_id];
-    assert_eq!(stored.field("disposeServerTransactionHeadId"), Some(id.to_string().as_str()));
+    assert_eq!(
+        stored.field("disposeServerTransactionHeadId"),
+        Some(id.to_string().as_str())
+    );
     assert_eq!(stored.field("total"), Some("-800"));
 
     // 2,500 products: three calls of at most 1,000; products without a row have none.
@@ -83,7 +95,11 @@ async fn registers_finds_and_reads_stock() {
     let calls_before = sim.stats().calls;
     let stock = setup.client.stock("1", &products).await.unwrap();
     assert_eq!(sim.stats().calls - calls_before, 3);
-    assert_eq!(stock.len(), 1250, "the odd products have rows, the even none");
+    assert_eq!(
+        stock.len(),
+        1250,
+        "the odd products have rows, the even none"
+    );
     let first = stock.iter().find(|row| row.product_id == "1").unwrap();
     assert_eq!((first.store_id.as_str(), first.amount), ("1", 1));
     let sold = stock.iter().find(|row| row.product_id == "113").unwrap();
@@ -98,7 +114,9 @@ async fn register_error(setup: &Setup) -> CallError {
 
 #[tokio::test]
 async fn credentials_and_settings_errors_pause_the_upstream() {
-    let wrong_token = Simulator::start(SimConfig::local(CONTRACT_ID, "another-token")).await.unwrap();
+    let wrong_token = Simulator::start(SimConfig::local(CONTRACT_ID, "another-token"))
+        .await
+        .unwrap();
     let setup = client_for(&wrong_token.url(), "");
     let error = register_error(&setup).await;
     assert!(matches!(error, CallError::Api { code: 13, .. }), "{error}");
@@ -106,7 +124,9 @@ async fn credentials_and_settings_errors_pause_the_upstream() {
     assert!(!error.to_string().contains(ACCESS_TOKEN));
     wrong_token.stop().await;
 
-    let wrong_contract = Simulator::start(SimConfig::local("another_contract", ACCESS_TOKEN)).await.unwrap();
+    let wrong_contract = Simulator::start(SimConfig::local("another_contract", ACCESS_TOKEN))
+        .await
+        .unwrap();
     let setup = client_for(&wrong_contract.url(), "");
     let error = register_error(&setup).await;
     assert!(matches!(error, CallError::Api { code: 14, .. }), "{error}");
@@ -129,8 +149,15 @@ async fn credentials_and_settings_errors_pause_the_upstream() {
 async fn a_validation_error_is_permanent_with_smaregis_message() {
     let sim = simulator().await;
     let setup = client_for(&sim.url(), "");
-    let error = setup.client.register(&sale("12345678901")).await.unwrap_err();
-    let CallError::Api { code: 41, message, .. } = &error else {
+    let error = setup
+        .client
+        .register(&sale("12345678901"))
+        .await
+        .unwrap_err();
+    let CallError::Api {
+        code: 41, message, ..
+    } = &error
+    else {
         panic!("{error}");
     };
     assert!(message.contains("terminalTranId"), "{message}");
@@ -144,17 +171,48 @@ async fn unknown_outcomes_are_ambiguous_for_writes_and_retryable_for_reads() {
     let sim = simulator().await;
     let setup = client_for(&sim.url(), "request-timeout-seconds = 1");
     let cases = [
-        ("a 500", Faults { error_rate: 1.0, ..Faults::default() }),
-        ("a reset", Faults { reset_rate: 1.0, ..Faults::default() }),
-        ("a hang", Faults { hang_rate: 1.0, hang_ms: 5_000, ..Faults::default() }),
-        ("a malformed answer", Faults { malformed_rate: 1.0, ..Faults::default() }),
+        (
+            "a 500",
+            Faults {
+                error_rate: 1.0,
+                ..Faults::default()
+            },
+        ),
+        (
+            "a reset",
+            Faults {
+                reset_rate: 1.0,
+                ..Faults::default()
+            },
+        ),
+        (
+            "a hang",
+            Faults {
+                hang_rate: 1.0,
+                hang_ms: 5_000,
+                ..Faults::default()
+            },
+        ),
+        (
+            "a malformed answer",
+            Faults {
+                malformed_rate: 1.0,
+                ..Faults::default()
+            },
+        ),
     ];
     for (what, faults) in cases {
         sim.set_faults(faults);
         let write = register_error(&setup).await;
-        assert!(matches!(write.class(true), Class::Ambiguous { .. }), "{what}: {write:?}");
+        assert!(
+            matches!(write.class(true), Class::Ambiguous { .. }),
+            "{what}: {write:?}"
+        );
         let read = setup.client.find_registered(&sale("99")).await.unwrap_err();
-        assert!(matches!(read.class(false), Class::Retryable { .. }), "{what}: {read:?}");
+        assert!(
+            matches!(read.class(false), Class::Retryable { .. }),
+            "{what}: {read:?}"
+        );
         if what == "a hang" {
             assert_eq!(write, CallError::Timeout);
         }
@@ -164,7 +222,10 @@ async fn unknown_outcomes_are_ambiguous_for_writes_and_retryable_for_reads() {
     sim.set_faults(Faults::default());
     sim.start_maintenance(Duration::from_secs(3600));
     let error = register_error(&setup).await;
-    assert!(matches!(error, CallError::Status { status: 503, .. }), "{error}");
+    assert!(
+        matches!(error, CallError::Status { status: 503, .. }),
+        "{error}"
+    );
     assert!(matches!(error.class(true), Class::Ambiguous { .. }));
     sim.stop().await;
 }
@@ -173,10 +234,16 @@ async fn unknown_outcomes_are_ambiguous_for_writes_and_retryable_for_reads() {
 async fn a_write_that_took_effect_before_failing_is_found_by_its_look_up() {
     let sim = simulator().await;
     let setup = client_for(&sim.url(), "");
-    sim.set_faults(Faults { commit_then_fail_rate: 1.0, ..Faults::default() });
+    sim.set_faults(Faults {
+        commit_then_fail_rate: 1.0,
+        ..Faults::default()
+    });
     let sale = sale("7");
     let error = setup.client.register(&sale).await.unwrap_err();
-    assert!(matches!(error.class(true), Class::Ambiguous { .. }), "{error:?}");
+    assert!(
+        matches!(error.class(true), Class::Ambiguous { .. }),
+        "{error:?}"
+    );
     sim.set_faults(Faults::default());
     let found = setup.client.find_registered(&sale).await.unwrap();
     let stored: Vec<u64> = sim.contract().transactions.keys().copied().collect();
@@ -197,7 +264,9 @@ async fn a_rate_limit_is_retried_after_smaregis_retry_after() {
     let error = setup.client.find_registered(&sale("1")).await.unwrap_err();
     assert_eq!(
         error.class(false),
-        Class::Retryable { retry_after: Some(Duration::from_secs(1)) },
+        Class::Retryable {
+            retry_after: Some(Duration::from_secs(1))
+        },
         "{error}"
     );
     sim.stop().await;
@@ -217,9 +286,15 @@ async fn nothing_listening_is_a_connect_error_never_ambiguous() {
 #[tokio::test]
 async fn https_with_a_trusted_certificate_works_and_an_untrusted_one_does_not() {
     let temp = tempfile::tempdir().unwrap();
-    let certified = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into(), "localhost".into()]).unwrap();
+    let certified =
+        rcgen::generate_simple_self_signed(vec!["127.0.0.1".into(), "localhost".into()]).unwrap();
     let cert = common::write_file(temp.path(), "sim.pem", &certified.cert.pem(), 0o644);
-    let key = common::write_file(temp.path(), "sim.key", &certified.signing_key.serialize_pem(), 0o600);
+    let key = common::write_file(
+        temp.path(),
+        "sim.key",
+        &certified.signing_key.serialize_pem(),
+        0o600,
+    );
     let sim = Simulator::start(SimConfig {
         tls: Some((cert.clone(), key)),
         ..SimConfig::local(CONTRACT_ID, ACCESS_TOKEN)
@@ -232,7 +307,10 @@ async fn https_with_a_trusted_certificate_works_and_an_untrusted_one_does_not() 
     trusting.client.register(&sale("1")).await.unwrap();
     let untrusting = client_for(&sim.url(), "");
     let error = register_error(&untrusting).await;
-    assert!(error.to_string().to_lowercase().contains("certificate"), "{error}");
+    assert!(
+        error.to_string().to_lowercase().contains("certificate"),
+        "{error}"
+    );
     assert_eq!(sim.contract().transactions.len(), 1);
     sim.stop().await;
 }

@@ -93,7 +93,11 @@ fn check_exactly_once(sim: &Simulator, expected: &Expected) -> Result<(), String
     }
     let duplicates: Vec<_> = by_tran_id.iter().filter(|(_, ids)| ids.len() > 1).collect();
     if !duplicates.is_empty() {
-        return Err(format!("{} registered twice, e.g. {:?}", duplicates.len(), duplicates[0]));
+        return Err(format!(
+            "{} registered twice, e.g. {:?}",
+            duplicates.len(),
+            duplicates[0]
+        ));
     }
     let expected_count = expected.registers.len() + expected.cancels.len();
     if contract.transactions.len() != expected_count {
@@ -131,10 +135,13 @@ async fn campaign(orders: usize) {
     config.outbox.retry_schedule_seconds = vec![0];
     config.outbox.retry_repeat_seconds = 0;
     config.outbox.rate_limit.clear();
-    config
-        .outbox
-        .rate_limit
-        .insert(UPSTREAM.into(), smaregi_relay::config::RateLimit { per_second: 1e6, burst: 1_000_000 });
+    config.outbox.rate_limit.insert(
+        UPSTREAM.into(),
+        smaregi_relay::config::RateLimit {
+            per_second: 1e6,
+            burst: 1_000_000,
+        },
+    );
     let store = Store::open(&common::store_options(&temp.path().join("db"))).unwrap();
 
     let jobs = SaleJobs::open(&store).unwrap();
@@ -147,17 +154,26 @@ async fn campaign(orders: usize) {
         job_count += 1;
         if order % 3 == 0 {
             let (_, reversal) = jobs.cancel(&key, &sale).await.unwrap();
-            expected.cancels.insert(reversal.terminal_tran_id, sale.terminal_tran_id);
+            expected
+                .cancels
+                .insert(reversal.terminal_tran_id, sale.terminal_tran_id);
             job_count += 1;
         }
     }
 
     sim.set_faults(campaign_faults());
     let smaregi = config.smaregi.as_ref().unwrap();
-    let executor = TransactionExecutor::new(SmaregiClient::new(smaregi).unwrap(), Ledger::open(&store).unwrap());
+    let executor = TransactionExecutor::new(
+        SmaregiClient::new(smaregi).unwrap(),
+        Ledger::open(&store).unwrap(),
+    );
     let engine = EngineBuilder::new(&store, &config.outbox)
         .unwrap()
-        .executor(REGISTER_KIND, UPSTREAM, Arc::new(RegisterExecutor(executor.clone())))
+        .executor(
+            REGISTER_KIND,
+            UPSTREAM,
+            Arc::new(RegisterExecutor(executor.clone())),
+        )
         .executor(CANCEL_KIND, UPSTREAM, Arc::new(CancelExecutor(executor)))
         .build()
         .unwrap();
@@ -193,8 +209,15 @@ async fn campaign(orders: usize) {
     let status = engine.status().unwrap();
     assert_eq!(status.total(JobState::Done) as usize, job_count);
     let stats = sim.stats();
-    let faults = stats.injected_errors + stats.injected_resets + stats.injected_hangs + stats.commit_then_fail + stats.malformed;
-    println!("{job_count} jobs, {} calls, {faults} faults injected: {stats:?}", stats.calls);
+    let faults = stats.injected_errors
+        + stats.injected_resets
+        + stats.injected_hangs
+        + stats.commit_then_fail
+        + stats.malformed;
+    println!(
+        "{job_count} jobs, {} calls, {faults} faults injected: {stats:?}",
+        stats.calls
+    );
     assert!(
         faults * 100 >= stats.calls * 30,
         "only {faults} of {} calls failed",

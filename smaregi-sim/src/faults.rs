@@ -53,7 +53,9 @@ pub enum Injected {
     CommitThenError,
     CommitThenReset,
     /// A malformed 200, with or without doing the call first.
-    Malformed { commit: bool },
+    Malformed {
+        commit: bool,
+    },
 }
 
 impl Faults {
@@ -108,7 +110,10 @@ mod tests {
             malformed_rate: 0.5,
             ..Faults::default()
         };
-        assert_eq!(malformed.draw(0.2, false), Injected::Malformed { commit: false });
+        assert_eq!(
+            malformed.draw(0.2, false),
+            Injected::Malformed { commit: false }
+        );
         assert_eq!(Faults::default().draw(0.0, true), Injected::None);
     }
 }

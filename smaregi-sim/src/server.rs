@@ -419,10 +419,22 @@ async fn access(shared: &Shared, headers: &hyper::HeaderMap, body: &[u8]) -> Rep
 /// One of the answers a broken proxy or a bad day at Smaregi gives.
 fn malformed_answer() -> Response<Full<Bytes>> {
     let bodies: [(&str, &str); 4] = [
-        ("text/html", "<html><head><title>502 Bad Gateway</title></head><body>nginx</body></html>"),
-        ("application/json", r#"{"result":{"TransactionHead":1,"TransactionHe"#),
-        ("application/json", r#"{"result":{"TransactionHead":1,"TransactionHeadIds":[],"TransactionDetail":1}}"#),
-        ("application/json", r#"{"total_count":1,"result":[{"storeId":{"id":1}}]}"#),
+        (
+            "text/html",
+            "<html><head><title>502 Bad Gateway</title></head><body>nginx</body></html>",
+        ),
+        (
+            "application/json",
+            r#"{"result":{"TransactionHead":1,"TransactionHe"#,
+        ),
+        (
+            "application/json",
+            r#"{"result":{"TransactionHead":1,"TransactionHeadIds":[],"TransactionDetail":1}}"#,
+        ),
+        (
+            "application/json",
+            r#"{"total_count":1,"result":[{"storeId":{"id":1}}]}"#,
+        ),
     ];
     let (content_type, body) = bodies[rand::random_range(0..bodies.len())];
     Response::builder()

@@ -1,0 +1,286 @@
+//! The register and cancel executors in the real engine, against the
+//! simulator: what each kind of failure does to a job.
+
+use std::sync::Arc;
+
+use smaregi_relay::config::Config;
+use smaregi_relay::outbox::engine::{Engine, EngineBuilder, Settled};
+use smaregi_relay::outbox::job::{ErrorClass, JobState, NewJob};
+use smaregi_relay::outbox::queue::{OperatorPause, Queue};
+use smaregi_relay::smaregi::client::SmaregiClient;
+use smaregi_relay::smaregi::executor::{CancelExecutor, RegisterExecutor, TransactionExecutor};
+use smaregi_relay::smaregi::jobs::{SaleJobs, CANCEL_KIND, REGISTER_KIND, UPSTREAM};
+use smaregi_relay::smaregi::ledger::Ledger;
+use smaregi_relay::smaregi::sale::{Sale, SaleLine};
+use smaregi_relay::store::Store;
+use smaregi_sim::{Faults, Simulator};
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+
+mod common;
+use common::smaregi::{relay_config, simulator, TERMINAL};
+
+fn sale() -> Sale {
+    Sale {
+        store_id: "1".into(),
+        terminal_id: TERMINAL.into(),
+        terminal_tran_id: String::new(),
+        terminal_tran_date_time: String::new(),
+        lines: vec![SaleLine {
+            product_id: Some("113".into()),
+            product_code: None,
+            product_name: None,
+            sales_price: 1200,
+            quantity: 1,
+            returned: false,
+        }],
+        discount: 0,
+        tax_exclude: 0,
+        carriage: 0,
+        commission: 0,
+        customer_id: None,
+        memo: None,
+        dispose_of: None,
+    }
+}
+
+struct Harness {
+    _temp: tempfile::TempDir,
+    sim: Simulator,
+    store: Store,
+    config: Config,
+    jobs: SaleJobs,
+    engine: Option<(Engine, broadcast::Receiver<Settled>, CancellationToken)>,
+}
+
+impl Harness {
+    async fn new(sim: Simulator) -> Self {
+        let temp = tempfile::tempdir().unwrap();
+        let mut config = relay_config(temp.path(), &sim.url(), "request-timeout-seconds = 1");
+        config.outbox.retry_schedule_seconds = vec![0];
+        config.outbox.retry_repeat_seconds = 0;
+        let store = Store::open(&common::store_options(&temp.path().join("db"))).unwrap();
+        Self {
+            jobs: SaleJobs::open(&store).unwrap(),
+            _temp: temp,
+            sim,
+            store,
+            config,
+            engine: None,
+        }
+    }
+
+    fn start(&mut self) -> Engine {
+        let client = SmaregiClient::new(self.config.smaregi.as_ref().unwrap()).unwrap();
+        let executor = TransactionExecutor::new(client, Ledger::open(&self.store).unwrap());
+        let engine = EngineBuilder::new(&self.store, &self.config.outbox)
+            .unwrap()
+            .executor(
+                REGISTER_KIND,
+                UPSTREAM,
+                Arc::new(RegisterExecutor(executor.clone())),
+            )
+            .executor(CANCEL_KIND, UPSTREAM, Arc::new(CancelExecutor(executor)))
+            .build()
+            .unwrap();
+        let settled = engine.settled();
+        let shutdown = CancellationToken::new();
+        tokio::spawn(engine.clone().run(shutdown.clone()));
+        self.engine = Some((engine.clone(), settled, shutdown));
+        engine
+    }
+
+    /// The next outcome of `job` other than a reschedule.
+    async fn outcome(&mut self, job: u64) -> Settled {
+        let (_, settled, _) = self.engine.as_mut().unwrap();
+        tokio::time::timeout(common::EVENT_DEADLINE, async {
+            loop {
+                match settled.recv().await.unwrap() {
+                    s if s.job() == job && !matches!(s, Settled::Rescheduled(_)) => return s,
+                    _ => {}
+                }
+            }
+        })
+        .await
+        .expect("the job settles")
+    }
+
+    async fn stop(self) {
+        if let Some((_, _, shutdown)) = &self.engine {
+            shutdown.cancel();
+        }
+        self.store.close().await.unwrap();
+        self.sim.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn a_send_whose_answer_was_lost_is_found_not_sent_again() {
+    let mut h = Harness::new(simulator().await).await;
+    let (job, sale) = h.jobs.register("order:1", &sale()).await.unwrap();
+    // A previous run sent it and died before recording the answer.
+    let ledger = Ledger::open(&h.store).unwrap();
+    ledger
+        .record_send_started(TERMINAL, &sale.terminal_tran_id)
+        .await
+        .unwrap();
+    let client = SmaregiClient::new(h.config.smaregi.as_ref().unwrap()).unwrap();
+    let id = client.register(&sale).await.unwrap();
+
+    let engine = h.start();
+    assert_eq!(h.outcome(job).await, Settled::Done(job));
+    assert_eq!(
+        h.sim.stats().writes,
+        1,
+        "found by its look-up, not sent again"
+    );
+    assert_eq!(
+        ledger.registered(TERMINAL, &sale.terminal_tran_id).unwrap(),
+        Some(id)
+    );
+    assert_eq!(
+        engine.queue().job(job).unwrap().unwrap().state,
+        JobState::Done
+    );
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn malformed_answers_are_ambiguous_and_kept_on_the_job_as_a_snippet() {
+    let mut h = Harness::new(simulator().await).await;
+    h.sim.set_faults(Faults {
+        malformed_rate: 1.0,
+        ..Faults::default()
+    });
+    let (job, _) = h.jobs.register("order:1", &sale()).await.unwrap();
+    let engine = h.start();
+    // Wait for a rescheduled attempt, then heal Smaregi.
+    let (_, settled, _) = h.engine.as_mut().unwrap();
+    tokio::time::timeout(common::EVENT_DEADLINE, async {
+        while settled.recv().await.unwrap() != Settled::Rescheduled(job) {}
+    })
+    .await
+    .expect("an attempt fails");
+    h.sim.set_faults(Faults::default());
+    assert_eq!(h.outcome(job).await, Settled::Done(job));
+    let record = engine.queue().job(job).unwrap().unwrap();
+    let first = &record.history[0];
+    assert_eq!(first.class, ErrorClass::Ambiguous, "{first:?}");
+    assert!(
+        first.message.contains("unexpected answer from Smaregi"),
+        "{}",
+        first.message
+    );
+    assert!(!first.message.contains(common::smaregi::ACCESS_TOKEN));
+    assert_eq!(
+        h.sim.contract().transactions.len(),
+        1,
+        "at most one, whatever the answers were"
+    );
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_validation_error_parks_the_job_with_smaregis_message() {
+    let mut h = Harness::new(simulator().await).await;
+    let mut bad = sale();
+    bad.lines[0].product_code = Some("a code far longer than twenty".into());
+    let (job, _) = h.jobs.register("order:1", &bad).await.unwrap();
+    let (next, _) = h.jobs.register("order:2", &sale()).await.unwrap();
+    let engine = h.start();
+    assert_eq!(
+        h.outcome(job).await,
+        Settled::Parked(job, ErrorClass::Permanent)
+    );
+    assert_eq!(
+        h.outcome(next).await,
+        Settled::Done(next),
+        "other keys go on"
+    );
+    let error = engine
+        .queue()
+        .job(job)
+        .unwrap()
+        .unwrap()
+        .last_error
+        .unwrap();
+    assert!(
+        error.message.contains("Smaregi error 41") && error.message.contains("productCode"),
+        "{}",
+        error.message
+    );
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_credentials_error_pauses_smaregi_without_charging_the_job() {
+    let sim = Simulator::start(smaregi_sim::SimConfig::local(
+        common::smaregi::CONTRACT_ID,
+        "rotated-token",
+    ))
+    .await
+    .unwrap();
+    let mut h = Harness::new(sim).await;
+    let (job, _) = h.jobs.register("order:1", &sale()).await.unwrap();
+    let engine = h.start();
+    assert_eq!(h.outcome(job).await, Settled::UpstreamPaused(job));
+    let paused = engine.paused();
+    assert!(
+        paused[UPSTREAM].reason.contains("Smaregi error 13"),
+        "{paused:?}"
+    );
+    let record = engine.queue().job(job).unwrap().unwrap();
+    assert_eq!((record.state, record.attempts), (JobState::Pending, 0));
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_cancel_without_a_registration_parks_and_an_unknown_payload_too() {
+    let mut h = Harness::new(simulator().await).await;
+    let (register, sale) = h.jobs.register("order:1", &sale()).await.unwrap();
+    let (cancel, _) = h.jobs.cancel("order:1", &sale).await.unwrap();
+    // Paused from the start (an operator's pause is stored), so nothing runs yet.
+    let pause = OperatorPause {
+        reason: "hold while the registration is discarded".into(),
+        at: 0,
+    };
+    Queue::open(&h.store)
+        .unwrap()
+        .set_operator_pause(UPSTREAM, Some(&pause))
+        .unwrap();
+    let engine = h.start();
+    engine
+        .discard(register, "test: never registered")
+        .await
+        .unwrap();
+    let future = NewJob {
+        kind: REGISTER_KIND.into(),
+        upstream: UPSTREAM.into(),
+        key: "order:2".into(),
+        payload: serde_json::json!({"v": 2, "sale": {}}),
+    };
+    let undecodable = engine.enqueue(&future).await.unwrap();
+    engine.resume(UPSTREAM).await.unwrap();
+    assert_eq!(
+        h.outcome(cancel).await,
+        Settled::Parked(cancel, ErrorClass::Permanent)
+    );
+    let error = engine
+        .queue()
+        .job(cancel)
+        .unwrap()
+        .unwrap()
+        .last_error
+        .unwrap();
+    assert!(
+        error.message.contains("nothing to cancel"),
+        "{}",
+        error.message
+    );
+    assert_eq!(
+        h.outcome(undecodable).await,
+        Settled::Parked(undecodable, ErrorClass::Undecodable)
+    );
+    assert!(h.sim.contract().transactions.is_empty());
+    h.stop().await;
+}
