@@ -14,6 +14,7 @@
 //! | [`store`] | the sled database: trees, key encodings, schema version, the group-committed durable commit |
 //! | [`outbox`] | the calls we owe: job model, durable per-key queue, retry policy, the engine that runs jobs, operator operations |
 //! | [`smaregi`] | Smaregi's legacy API: client, error classes, exactly-once 取引登録/取引取消 executors |
+//! | [`tls`] | rustls client configuration for outgoing calls |
 //! | [`telemetry`] | tracing set-up: journald under systemd, human-readable stderr otherwise |
 //! | [`daemon`] | wiring, start-up order, sd_notify, the shutdown token and drain deadline |
 //! | [`cli`] | the command-line definition shared by the binary (and, later, completions and man page) |
@@ -27,3 +28,4 @@ pub mod outbox;
 pub mod smaregi;
 pub mod store;
 pub mod telemetry;
+pub mod tls;

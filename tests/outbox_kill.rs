@@ -94,7 +94,7 @@ fn drain_until_killed(directory: PathBuf, sink: String) -> ! {
             ..OutboxConfig::default()
         };
         let executor = Arc::new(HttpExecutor {
-            client: reqwest::Client::new(),
+            client: smaregi_sim::sender::http_client(None).unwrap(),
             url: sink,
         });
         let engine = EngineBuilder::new(&store, &config)

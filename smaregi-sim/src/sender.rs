@@ -25,34 +25,9 @@ pub struct Sender {
 
 impl Sender {
     pub fn new(ca_file: Option<&Path>) -> Result<Self, SendError> {
-        use rustls::pki_types::pem::PemObject;
-        use rustls::pki_types::CertificateDer;
-        let mut roots = rustls::RootCertStore::empty();
-        for cert in rustls_native_certs::load_native_certs().certs {
-            let _ = roots.add(cert);
-        }
-        if let Some(path) = ca_file {
-            let ca_error = |e: &dyn std::fmt::Display| {
-                SendError::CaFile(path.display().to_string(), e.to_string())
-            };
-            for cert in CertificateDer::pem_file_iter(path).map_err(|e| ca_error(&e))? {
-                roots
-                    .add(cert.map_err(|e| ca_error(&e))?)
-                    .map_err(|e| ca_error(&e))?;
-            }
-        }
-        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .expect("ring supports the default versions")
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-        let client = reqwest::Client::builder()
-            .tls_backend_preconfigured(tls)
-            .timeout(Duration::from_secs(30))
-            .build()?;
-        Ok(Self { client })
+        Ok(Self {
+            client: http_client(ca_file)?,
+        })
     }
 
     /// POSTs one notification; returns the status and body of the answer.
@@ -85,4 +60,36 @@ impl Sender {
         let status = response.status().as_u16();
         Ok((status, response.text().await?))
     }
+}
+
+/// An HTTP client over rustls with ring, trusting the system's roots plus
+/// `ca_file` if given.
+pub fn http_client(ca_file: Option<&Path>) -> Result<reqwest::Client, SendError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::CertificateDer;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_native_certs::load_native_certs().certs {
+        let _ = roots.add(cert);
+    }
+    if let Some(path) = ca_file {
+        let ca_error = |e: &dyn std::fmt::Display| {
+            SendError::CaFile(path.display().to_string(), e.to_string())
+        };
+        for cert in CertificateDer::pem_file_iter(path).map_err(|e| ca_error(&e))? {
+            roots
+                .add(cert.map_err(|e| ca_error(&e))?)
+                .map_err(|e| ca_error(&e))?;
+        }
+    }
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("ring supports the default versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Ok(reqwest::Client::builder()
+        .tls_backend_preconfigured(tls)
+        .timeout(Duration::from_secs(30))
+        .build()?)
 }

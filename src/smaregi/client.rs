@@ -2,7 +2,6 @@
 //! the timeouts of `[smaregi]`, and the credentials in headers that never
 //! reach a log or a `Debug` output.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{json, Value};
@@ -18,8 +17,8 @@ pub const STOCK_BATCH: usize = 1000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("CA file {path}: {message}")]
-    CaFile { path: String, message: String },
+    #[error("{0}")]
+    Tls(#[from] crate::tls::TlsError),
     #[error("cannot build the HTTP client: {0}")]
     Build(#[from] reqwest::Error),
 }
@@ -54,7 +53,7 @@ impl std::fmt::Debug for SmaregiClient {
 
 impl SmaregiClient {
     pub fn new(config: &SmaregiConfig) -> Result<Self, ClientError> {
-        let tls = tls_config(config.ca_file.as_deref())?;
+        let tls = crate::tls::client_config(config.ca_file.as_deref())?;
         let http = reqwest::Client::builder()
             .tls_backend_preconfigured(tls)
             .connect_timeout(Duration::from_secs(config.connect_timeout_seconds))
@@ -220,38 +219,4 @@ fn error_chain(error: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     text
-}
-
-fn tls_config(ca_file: Option<&std::path::Path>) -> Result<rustls::ClientConfig, ClientError> {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::CertificateDer;
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls_native_certs::load_native_certs().certs {
-        // A system certificate rustls cannot use is skipped, as browsers do.
-        let _ = roots.add(cert);
-    }
-    if let Some(path) = ca_file {
-        let ca_error = |message: String| ClientError::CaFile {
-            path: path.display().to_string(),
-            message,
-        };
-        let certs = CertificateDer::pem_file_iter(path).map_err(|e| ca_error(e.to_string()))?;
-        let mut added = 0;
-        for cert in certs {
-            let cert = cert.map_err(|e| ca_error(e.to_string()))?;
-            roots.add(cert).map_err(|e| ca_error(e.to_string()))?;
-            added += 1;
-        }
-        if added == 0 {
-            return Err(ca_error("holds no PEM certificate".into()));
-        }
-    }
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-    .expect("ring supports TLS 1.2 and 1.3")
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    Ok(config)
 }
