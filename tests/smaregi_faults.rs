@@ -5,11 +5,14 @@
 //! simulator must hold exactly the expected transactions: none missing,
 //! none twice, every cancel applied once to its own original.
 //!
-//! The default run drives 2,000 jobs; `-- --ignored` runs 20,000.
+//! The default run drives 2,000 jobs in-process, and 600 through the real
+//! daemon while it is SIGKILLed at random moments; `-- --ignored` runs
+//! 20,000 in-process and 50,000 through a daemon killed some 300 times.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
+use smaregi_relay::config::Config;
 use smaregi_relay::outbox::engine::{EngineBuilder, Settled};
 use smaregi_relay::outbox::job::JobState;
 use smaregi_relay::smaregi::client::SmaregiClient;
@@ -17,7 +20,7 @@ use smaregi_relay::smaregi::executor::{CancelExecutor, RegisterExecutor, Transac
 use smaregi_relay::smaregi::jobs::{SaleJobs, CANCEL_KIND, REGISTER_KIND, UPSTREAM};
 use smaregi_relay::smaregi::ledger::Ledger;
 use smaregi_relay::smaregi::sale::{Sale, SaleLine};
-use smaregi_relay::store::Store;
+use smaregi_relay::store::{Store, StoreOptions};
 use smaregi_sim::{Faults, Simulator};
 use tokio_util::sync::CancellationToken;
 
@@ -127,24 +130,16 @@ fn check_exactly_once(sim: &Simulator, expected: &Expected) -> Result<(), String
     Ok(())
 }
 
-async fn campaign(orders: usize) {
-    let sim = simulator().await;
-    let temp = tempfile::tempdir().unwrap();
-    let mut config = relay_config(temp.path(), &sim.url(), "request-timeout-seconds = 1");
-    config.outbox.workers = 16;
-    config.outbox.retry_schedule_seconds = vec![0];
-    config.outbox.retry_repeat_seconds = 0;
-    config.outbox.rate_limit.clear();
-    config.outbox.rate_limit.insert(
-        UPSTREAM.into(),
-        smaregi_relay::config::RateLimit {
-            per_second: 1e6,
-            burst: 1_000_000,
-        },
-    );
-    let store = Store::open(&common::store_options(&temp.path().join("db"))).unwrap();
+/// The relay's settings for a campaign: a short timeout, immediate
+/// retries, 16 workers, and Smaregi's pace lifted to the config's ceiling.
+const CAMPAIGN_SETTINGS: &str = "request-timeout-seconds = 1\n\
+    [outbox]\nworkers = 16\nretry-schedule-seconds = [0, 0, 0, 0, 0]\nretry-repeat-seconds = 1\n\
+    [outbox.rate-limit.smaregi]\nper-second = 1000.0\nburst = 1000\n";
 
-    let jobs = SaleJobs::open(&store).unwrap();
+/// Enqueues `orders` registrations, every third with its cancel; what
+/// Smaregi must end up holding, and the number of jobs.
+async fn enqueue_orders(store: &Store, orders: usize) -> (Expected, usize) {
+    let jobs = SaleJobs::open(store).unwrap();
     let mut expected = Expected::default();
     let mut job_count = 0;
     for order in 0..orders {
@@ -160,14 +155,18 @@ async fn campaign(orders: usize) {
             job_count += 1;
         }
     }
+    (expected, job_count)
+}
 
-    sim.set_faults(campaign_faults());
+/// Runs the engine with the Smaregi executors until all `job_count` jobs
+/// are done; panics if one parks or the upstream pauses.
+async fn drain(store: &Store, config: &Config, job_count: usize) {
     let smaregi = config.smaregi.as_ref().unwrap();
     let executor = TransactionExecutor::new(
         SmaregiClient::new(smaregi).unwrap(),
-        Ledger::open(&store).unwrap(),
+        Ledger::open(store).unwrap(),
     );
-    let engine = EngineBuilder::new(&store, &config.outbox)
+    let engine = EngineBuilder::new(store, &config.outbox)
         .unwrap()
         .executor(
             REGISTER_KIND,
@@ -180,8 +179,8 @@ async fn campaign(orders: usize) {
     let mut settled = engine.settled();
     let shutdown = CancellationToken::new();
     let running = tokio::spawn(engine.clone().run(shutdown.clone()));
-
-    let mut done = 0;
+    // Jobs a killed daemon already finished.
+    let mut done = engine.status().unwrap().total(JobState::Done) as usize;
     let deadline = std::time::Duration::from_secs(600);
     tokio::time::timeout(deadline, async {
         while done < job_count {
@@ -194,8 +193,7 @@ async fn campaign(orders: usize) {
                 }
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
                     // Fall back to the counts, which are exact.
-                    let status = engine.status().unwrap();
-                    done = status.total(JobState::Done) as usize;
+                    done = engine.status().unwrap().total(JobState::Done) as usize;
                 }
                 Err(e) => panic!("{e}"),
             }
@@ -205,9 +203,19 @@ async fn campaign(orders: usize) {
     .expect("every job is done in time");
     shutdown.cancel();
     running.await.unwrap().unwrap();
-
     let status = engine.status().unwrap();
     assert_eq!(status.total(JobState::Done) as usize, job_count);
+}
+
+async fn campaign(orders: usize) {
+    let sim = simulator().await;
+    let temp = tempfile::tempdir().unwrap();
+    let config = relay_config(temp.path(), &sim.url(), CAMPAIGN_SETTINGS);
+    let store = Store::open(&StoreOptions::from_config(&config.storage)).unwrap();
+    let (expected, job_count) = enqueue_orders(&store, orders).await;
+    sim.set_faults(campaign_faults());
+    drain(&store, &config, job_count).await;
+
     let stats = sim.stats();
     let faults = stats.injected_errors
         + stats.injected_resets
@@ -231,6 +239,57 @@ async fn campaign(orders: usize) {
     sim.stop().await;
 }
 
+/// The campaign through the real daemon: it drains the jobs while the
+/// test SIGKILLs it after a random number of Smaregi calls, up to
+/// `kills` times; then an engine in the test finishes what is left.
+async fn kill_campaign(orders: usize, kills: usize) {
+    let sim = simulator().await;
+    let temp = tempfile::tempdir().unwrap();
+    let config = relay_config(temp.path(), &sim.url(), CAMPAIGN_SETTINGS);
+    let config_path = temp.path().join("config.toml");
+    let options = StoreOptions::from_config(&config.storage);
+    let (expected, job_count) = {
+        let store = Store::open(&options).unwrap();
+        let enqueued = enqueue_orders(&store, orders).await;
+        store.close().await.unwrap();
+        enqueued
+    };
+    sim.set_faults(campaign_faults());
+    let mut calls = sim.calls();
+    let calls_per_life = (job_count * 3 / 2 / kills).max(2);
+    let mut killed = 0;
+    while killed < kills && sim.contract().transactions.len() < job_count {
+        let life = temp.path().join(format!("life-{killed}"));
+        std::fs::create_dir(&life).unwrap();
+        let mut daemon = common::Daemon::start(&life, &config_path);
+        let target = *calls.borrow() + rand::random_range(1..=calls_per_life) as u64;
+        let progressed =
+            tokio::time::timeout(common::EVENT_DEADLINE, calls.wait_for(|&n| n >= target)).await;
+        daemon.signal(libc::SIGKILL);
+        let status = tokio::task::block_in_place(|| daemon.wait());
+        assert!(
+            progressed.is_ok(),
+            "no progress in {:?}; daemon: {status:?}\n{}",
+            common::EVENT_DEADLINE,
+            daemon.stderr()
+        );
+        killed += 1;
+    }
+    // Whatever is left: registered but not recorded, or not yet sent.
+    let store = Store::open(&options).unwrap();
+    drain(&store, &config, job_count).await;
+    store.close().await.unwrap();
+    println!(
+        "{job_count} jobs through {killed} SIGKILLs: {:?}",
+        sim.stats()
+    );
+    if let Err(problem) = check_exactly_once(&sim, &expected) {
+        panic!("after {killed} SIGKILLs: {problem}");
+    }
+    assert!(killed >= kills.min(5), "only {killed} kills happened");
+    sim.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_thousand_jobs_through_a_third_of_calls_failing_take_effect_exactly_once() {
     campaign(1_500).await;
@@ -240,4 +299,15 @@ async fn two_thousand_jobs_through_a_third_of_calls_failing_take_effect_exactly_
 #[ignore = "campaign: 20,000 jobs; run with --ignored"]
 async fn twenty_thousand_jobs_take_effect_exactly_once() {
     campaign(15_000).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_take_effect_exactly_once_through_a_daemon_killed_at_random() {
+    kill_campaign(450, 10).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "campaign: 50,000 jobs, ~300 SIGKILLs; run with --ignored"]
+async fn fifty_thousand_jobs_take_effect_exactly_once_through_300_sigkills() {
+    kill_campaign(37_500, 300).await;
 }

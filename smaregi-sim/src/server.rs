@@ -94,6 +94,8 @@ struct Shared {
     maintenance_until: Mutex<Option<Instant>>,
     bucket: Mutex<(f64, Instant)>,
     stats: Mutex<Stats>,
+    /// Calls to `/access/` so far, for tests to await progress on.
+    calls: tokio::sync::watch::Sender<u64>,
     shutdown: CancellationToken,
 }
 
@@ -145,6 +147,7 @@ impl Simulator {
             maintenance_until: Mutex::new(None),
             bucket: Mutex::new((burst, Instant::now())),
             stats: Mutex::new(Stats::default()),
+            calls: tokio::sync::watch::Sender::new(0),
             shutdown: CancellationToken::new(),
         });
         let tasks = TaskTracker::new();
@@ -196,6 +199,11 @@ impl Simulator {
 
     pub fn stats(&self) -> Stats {
         lock(&self.shared.stats).clone()
+    }
+
+    /// The number of calls to `/access/` so far, updated as they arrive.
+    pub fn calls(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.shared.calls.subscribe()
     }
 
     /// Stops accepting, drops open connections, and waits for them.
@@ -334,6 +342,7 @@ async fn handle(shared: Arc<Shared>, request: Request<Incoming>) -> Reply {
 async fn access(shared: &Shared, headers: &hyper::HeaderMap, body: &[u8]) -> Reply {
     let stats = |update: fn(&mut Stats)| update(&mut lock(&shared.stats));
     stats(|s| s.calls += 1);
+    shared.calls.send_modify(|calls| *calls += 1);
     let faults = lock(&shared.faults).clone();
     if faults.latency_ms > 0 {
         tokio::time::sleep(Duration::from_millis(faults.latency_ms)).await;
