@@ -12,7 +12,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use smaregi_relay::config::{self, Config, RateLimit};
+use smaregi_relay::config::{self, CancelStrategy, Config, RateLimit};
 use smaregi_relay::outbox::engine::{EngineBuilder, Settled};
 use smaregi_relay::smaregi::client::SmaregiClient;
 use smaregi_relay::smaregi::executor::{CancelExecutor, RegisterExecutor, TransactionExecutor};
@@ -115,7 +115,11 @@ async fn plain_round(client: &SmaregiClient, round: usize) -> f64 {
 /// Registrations per second through the outbox: from the first staged
 /// job to the last one done.
 async fn relay_round(store: &Store, config: &Config, client: &SmaregiClient) -> f64 {
-    let executor = TransactionExecutor::new(client.clone(), Ledger::open(store).unwrap());
+    let executor = TransactionExecutor::new(
+        client.clone(),
+        Ledger::open(store).unwrap(),
+        CancelStrategy::default(),
+    );
     let engine = EngineBuilder::new(store, &config.outbox)
         .unwrap()
         .executor(

@@ -156,7 +156,11 @@ async fn serve(loaded: LoadedConfig) -> Result<(), DaemonError> {
 fn outbox_engine(store: &Store, config: &Config) -> Result<Engine, DaemonError> {
     let mut builder = EngineBuilder::new(store, &config.outbox)?;
     if let Some(smaregi) = &config.smaregi {
-        let executor = TransactionExecutor::new(SmaregiClient::new(smaregi)?, Ledger::open(store)?);
+        let executor = TransactionExecutor::new(
+            SmaregiClient::new(smaregi)?,
+            Ledger::open(store)?,
+            smaregi.cancel_strategy,
+        );
         builder = builder
             .executor(
                 REGISTER_KIND,

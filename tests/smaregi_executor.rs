@@ -55,8 +55,13 @@ struct Harness {
 
 impl Harness {
     async fn new(sim: Simulator) -> Self {
+        Self::with_settings(sim, "").await
+    }
+
+    async fn with_settings(sim: Simulator, smaregi_settings: &str) -> Self {
         let temp = tempfile::tempdir().unwrap();
-        let mut config = relay_config(temp.path(), &sim.url(), "request-timeout-seconds = 1");
+        let settings = format!("request-timeout-seconds = 1\n{smaregi_settings}");
+        let mut config = relay_config(temp.path(), &sim.url(), &settings);
         config.outbox.retry_schedule_seconds = vec![0];
         config.outbox.retry_repeat_seconds = 0;
         let store = Store::open(&common::store_options(&temp.path().join("db"))).unwrap();
@@ -72,7 +77,11 @@ impl Harness {
 
     fn start(&mut self) -> Engine {
         let client = SmaregiClient::new(self.config.smaregi.as_ref().unwrap()).unwrap();
-        let executor = TransactionExecutor::new(client, Ledger::open(&self.store).unwrap());
+        let executor = TransactionExecutor::new(
+            client,
+            Ledger::open(&self.store).unwrap(),
+            self.config.smaregi.as_ref().unwrap().cancel_strategy,
+        );
         let engine = EngineBuilder::new(&self.store, &self.config.outbox)
             .unwrap()
             .executor(
@@ -283,4 +292,35 @@ async fn a_cancel_without_a_registration_parks_and_an_unknown_payload_too() {
     );
     assert!(h.sim.contract().transactions.is_empty());
     h.stop().await;
+}
+
+#[tokio::test]
+async fn both_cancel_strategies_undo_the_sale_once() {
+    for strategy in ["dispose", "cancel-flag"] {
+        let sim = simulator().await;
+        sim.with_contract(|c| c.set_stock("1", "113", 5, 0));
+        let mut h = Harness::with_settings(sim, &format!("cancel-strategy = \"{strategy}\"")).await;
+        let (register, sale) = h.jobs.register("order:1", &sale()).await.unwrap();
+        let (cancel, _) = h.jobs.cancel("order:1", &sale).await.unwrap();
+        h.start();
+        assert_eq!(h.outcome(register).await, Settled::Done(register));
+        assert_eq!(h.outcome(cancel).await, Settled::Done(cancel));
+        let contract = h.sim.contract();
+        assert_eq!(
+            contract.stock["1"]["113"].amount, 5,
+            "{strategy}: the stock is back"
+        );
+        let original = contract.transactions.values().next().unwrap();
+        match strategy {
+            "dispose" => {
+                assert_eq!(contract.transactions.len(), 2);
+                assert_eq!(original.field("cancelDivision"), Some("0"));
+            }
+            _ => {
+                assert_eq!(contract.transactions.len(), 1);
+                assert_eq!(original.field("cancelDivision"), Some("1"));
+            }
+        }
+        h.stop().await;
+    }
 }

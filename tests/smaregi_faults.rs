@@ -165,6 +165,7 @@ async fn drain(store: &Store, config: &Config, job_count: usize) {
     let executor = TransactionExecutor::new(
         SmaregiClient::new(smaregi).unwrap(),
         Ledger::open(store).unwrap(),
+        smaregi.cancel_strategy,
     );
     let engine = EngineBuilder::new(store, &config.outbox)
         .unwrap()

@@ -186,13 +186,16 @@ impl Contract {
             }
         }
         let heads = heads.ok_or_else(|| ApiError::bad_params("TransactionHead is required"))?;
-        let details =
-            details.ok_or_else(|| ApiError::bad_params("TransactionDetail is required"))?;
         if heads.len() != 1 {
             return Err(ApiError::bad_params(
                 "one TransactionHead row per call (the simulator's rule)",
             ));
         }
+        if heads[0].get("transactionHeadId").is_some() {
+            return self.update_transaction(&heads[0], now);
+        }
+        let details =
+            details.ok_or_else(|| ApiError::bad_params("TransactionDetail is required"))?;
         let mut problems = Vec::new();
         let head = string_row("TransactionHead", &heads[0], &mut problems);
         let details: Vec<Row> = details
@@ -244,6 +247,65 @@ impl Contract {
                 "TransactionDetail": detail_count,
             }
         }))
+    }
+
+    /// 取消 of a stored transaction: a head row with its
+    /// `transactionHeadId` and `cancelDivision` "1" (the only change the
+    /// simulator accepts on an existing transaction). Its stock moves back
+    /// once; a second 取消 changes nothing.
+    fn update_transaction(&mut self, row: &Value, now: i64) -> Result<Value, ApiError> {
+        let mut problems = Vec::new();
+        let head = string_row("TransactionHead", row, &mut problems);
+        let id = head
+            .get("transactionHeadId")
+            .and_then(|id| id.parse::<u64>().ok());
+        let Some(id) = id.filter(|id| self.transactions.contains_key(id)) else {
+            problems.push(format!(
+                "transactionHeadId {:?} の取引が見つかりません (not found)",
+                head.get("transactionHeadId")
+            ));
+            return Err(ApiError::validation(&problems));
+        };
+        for field in head.keys() {
+            if field != "transactionHeadId" && field != "cancelDivision" {
+                problems.push(format!(
+                    "{field} は更新できません (only cancelDivision can change)"
+                ));
+            }
+        }
+        if head.get("cancelDivision").map(String::as_str) != Some("1") {
+            problems.push("cancelDivision は 1 (取消) のみ指定できます".into());
+        }
+        if !problems.is_empty() {
+            return Err(ApiError::validation(&problems));
+        }
+        let transaction = self.transactions.get_mut(&id).expect("checked above");
+        if transaction.field("cancelDivision") != Some("1") {
+            transaction.head.insert("cancelDivision".into(), "1".into());
+            transaction
+                .head
+                .insert("updDateTime".into(), time::format(now));
+            let store = transaction.head["storeId"].clone();
+            let moves: Vec<(String, i64)> = transaction
+                .details
+                .iter()
+                .filter_map(|detail| {
+                    let quantity: i64 = detail["quantity"].parse().unwrap_or(0);
+                    let sold = if detail["transactionDetailDivision"] == "2" {
+                        -quantity
+                    } else {
+                        quantity
+                    };
+                    Some((detail.get("productId")?.clone(), sold))
+                })
+                .collect();
+            for (product, back) in moves {
+                let stock = self.stock_entry(&store, &product);
+                stock.amount += back;
+                stock.updated = time::format(now);
+            }
+        }
+        Ok(json!({"result": {"TransactionHead": 1, "TransactionHeadIds": [id.to_string()]}}))
     }
 
     fn validate_transaction(&self, head: &Row, details: &[Row], problems: &mut Vec<String>) {
@@ -863,6 +925,51 @@ mod tests {
             contract.transactions.is_empty(),
             "nothing invalid is stored"
         );
+    }
+
+    #[test]
+    fn a_cancel_flag_puts_stock_back_once_and_changes_nothing_else() {
+        let mut contract = Contract::default();
+        let id = register(
+            &mut contract,
+            &upd(head("A1", 2400), vec![line("1", "113", 1200, 2, "1")]),
+        )
+        .unwrap();
+        let cancel = |id: &str, extra: Value| {
+            let mut row = json!({"transactionHeadId": id, "cancelDivision": "1"});
+            row.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            json!({"proc_info": {"proc_division": "U"}, "data": [{"table_name": "TransactionHead", "rows": [row]}]}).to_string()
+        };
+        for _ in 0..2 {
+            let answer = contract
+                .call(
+                    "transaction_upd",
+                    &cancel(&id.to_string(), json!({})),
+                    now(),
+                )
+                .unwrap();
+            assert_eq!(answer["result"]["TransactionHeadIds"][0], id.to_string());
+        }
+        assert_eq!(
+            contract.transactions[&id].field("cancelDivision"),
+            Some("1")
+        );
+        assert_eq!(stock(&contract, "113"), 0, "back once, not twice");
+        assert_eq!(contract.transactions.len(), 1);
+        let error = contract
+            .call("transaction_upd", &cancel("999", json!({})), now())
+            .unwrap_err();
+        assert_eq!(error.code, 41);
+        let error = contract
+            .call(
+                "transaction_upd",
+                &cancel(&id.to_string(), json!({"total": "0"})),
+                now(),
+            )
+            .unwrap_err();
+        assert!(error.description.contains("only cancelDivision"), "{error}");
     }
 
     #[test]

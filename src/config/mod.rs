@@ -234,6 +234,23 @@ pub struct SmaregiConfig {
     /// Smaregi searches at most 31 days).
     #[serde(default = "default_smaregi_lookup_window")]
     pub lookup_window_hours: u64,
+    /// How an order's cancellation reaches Smaregi.
+    #[serde(default)]
+    pub cancel_strategy: CancelStrategy,
+}
+
+/// How a cancellation (取引取消) is made in Smaregi (SMAREGI.md §1).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CancelStrategy {
+    /// 打消: a reversing transaction dated today that points at the
+    /// original (`disposeDivision` 2). The original's day stays as it was
+    /// closed.
+    #[default]
+    Dispose,
+    /// 取消: the original itself gets `cancelDivision` 1, which changes the
+    /// figures of the day it was sold on.
+    CancelFlag,
 }
 
 fn default_smaregi_connect_timeout() -> u64 {

@@ -111,6 +111,27 @@ impl SmaregiClient {
         api::registered_id(&answer)
     }
 
+    /// 取消: marks the registered transaction `transaction_head_id` as
+    /// cancelled (`cancelDivision` 1). Doing it twice changes nothing.
+    pub async fn cancel_flag(&self, transaction_head_id: u64) -> Result<(), CallError> {
+        let params = json!({
+            "proc_info": {"proc_division": "U"},
+            "data": [{"table_name": "TransactionHead", "rows": [{
+                "transactionHeadId": transaction_head_id.to_string(),
+                "cancelDivision": "1",
+            }]}],
+        });
+        let answer = self.call("transaction_upd", &params).await?;
+        let id = api::registered_id(&answer)?;
+        if id != transaction_head_id {
+            return Err(CallError::Malformed {
+                problem: format!("cancelled transaction {id}, not {transaction_head_id}"),
+                snippet: api::snippet(answer.to_string().as_bytes(), &[]),
+            });
+        }
+        Ok(())
+    }
+
     /// Looks `sale` up by store, terminal and `terminalTranId` within the
     /// lookup window around its time; its `transactionHeadId` if found.
     pub async fn find_registered(&self, sale: &Sale) -> Result<Option<u64>, CallError> {

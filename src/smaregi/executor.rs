@@ -6,12 +6,17 @@
 //! the transaction up in Smaregi by its fixed `terminalTranId`: a
 //! registration whose answer was lost (a timeout, a reset, a crash) is
 //! found and recorded instead of being sent twice.
+//!
+//! A cancel is a reversal (打消) registered the same way, or, with
+//! `cancel-strategy = "cancel-flag"`, the original's 取消 flag, which is
+//! harmless to set twice.
 
 use super::api::CallError;
 use super::client::SmaregiClient;
 use super::jobs::{CancelPayload, RegisterPayload, PAYLOAD_VERSION};
 use super::ledger::{Ledger, LedgerError};
 use super::sale::Sale;
+use crate::config::CancelStrategy;
 use crate::outbox::engine::{AttemptOutcome, BoxFuture, Executor};
 use crate::outbox::job::Job;
 
@@ -20,6 +25,7 @@ use crate::outbox::job::Job;
 pub struct TransactionExecutor {
     client: SmaregiClient,
     ledger: Ledger,
+    cancel_strategy: CancelStrategy,
 }
 
 /// The register jobs' executor.
@@ -52,8 +58,12 @@ fn decode<T: serde::de::DeserializeOwned>(job: &Job) -> Result<T, AttemptOutcome
 }
 
 impl TransactionExecutor {
-    pub fn new(client: SmaregiClient, ledger: Ledger) -> Self {
-        Self { client, ledger }
+    pub fn new(client: SmaregiClient, ledger: Ledger, cancel_strategy: CancelStrategy) -> Self {
+        Self {
+            client,
+            ledger,
+            cancel_strategy,
+        }
     }
 
     /// Registers `sale` unless it already is; see the module docs.
@@ -134,6 +144,13 @@ impl Executor for CancelExecutor {
                 .ledger
                 .registered(&reversal.terminal_id, &payload.original_terminal_tran_id);
             match original {
+                Ok(Some(id)) if self.0.cancel_strategy == CancelStrategy::CancelFlag => {
+                    // Setting the flag twice is harmless: no look-up needed.
+                    return match self.0.client.cancel_flag(id).await {
+                        Ok(()) => AttemptOutcome::Success,
+                        Err(e) => e.outcome(false),
+                    };
+                }
                 Ok(Some(id)) => reversal.dispose_of = Some(id),
                 Ok(None) => {
                     return AttemptOutcome::Permanent {
