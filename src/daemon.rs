@@ -23,6 +23,8 @@ use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
 use crate::config::{self, Config, ConfigError, LoadedConfig};
+use crate::intake::cert::{self, CertError, CertificateFiles, CertificateResolver};
+use crate::intake::server;
 use crate::outbox::engine::{Engine, EngineBuilder, EngineError};
 use crate::smaregi::client::{ClientError, SmaregiClient};
 use crate::smaregi::executor::{CancelExecutor, RegisterExecutor, TransactionExecutor};
@@ -47,6 +49,13 @@ pub enum DaemonError {
     Outbox(#[from] EngineError),
     #[error("[smaregi]: {0}")]
     SmaregiClient(#[from] ClientError),
+    #[error("[listener]: {0}")]
+    Certificate(#[from] CertError),
+    #[error("[listener]: cannot listen on {address}: {source}")]
+    Listen {
+        address: std::net::SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 impl DaemonError {
@@ -61,6 +70,13 @@ impl DaemonError {
             Self::Outbox(EngineError::Store(e)) => e.exit_code(),
             Self::Outbox(_) => crate::exit::SOFTWARE,
             Self::SmaregiClient(_) => crate::exit::CONFIG,
+            Self::Certificate(CertError::Write { .. }) => crate::exit::CANT_CREATE,
+            Self::Certificate(_) => crate::exit::CONFIG,
+            // Another process may still be letting go of the port.
+            Self::Listen { source, .. } if source.kind() == std::io::ErrorKind::AddrInUse => {
+                crate::exit::TEMP_FAIL
+            }
+            Self::Listen { .. } => crate::exit::CONFIG,
         }
     }
 }
@@ -104,13 +120,25 @@ async fn serve(loaded: LoadedConfig) -> Result<(), DaemonError> {
 
     let shutdown = CancellationToken::new();
     let tasks = TaskTracker::new();
-    let engine = match outbox_engine(&store, &config) {
-        Ok(engine) => engine,
+    let started = async {
+        let engine = outbox_engine(&store, &config)?;
+        let listener = intake_listener(&store, &config).await?;
+        Ok::<_, DaemonError>((engine, listener))
+    };
+    let (engine, listener) = match started.await {
+        Ok(started) => started,
         Err(error) => {
             store.close().await?;
             return Err(error);
         }
     };
+    let address = listener
+        .local_addr()
+        .map_err(|source| DaemonError::Listen {
+            address: config.listener.address,
+            source,
+        })?;
+    tasks.spawn(server::serve(listener, shutdown.clone()));
     tasks.spawn({
         let shutdown = shutdown.clone();
         async move {
@@ -121,8 +149,9 @@ async fn serve(loaded: LoadedConfig) -> Result<(), DaemonError> {
     });
     tasks.close();
 
-    notify(&[("READY", "1"), ("STATUS", "running")]);
-    info!("ready");
+    let status = format!("listening on {address}");
+    notify(&[("READY", "1"), ("STATUS", &status)]);
+    info!(%address, "ready");
 
     let stop = tokio::select! {
         _ = terminate.recv() => Ok("SIGTERM"),
@@ -150,6 +179,35 @@ async fn serve(loaded: LoadedConfig) -> Result<(), DaemonError> {
     }
     info!("stopped cleanly");
     Ok(())
+}
+
+/// The TLS listener, bound, with its certificate.
+async fn intake_listener(store: &Store, config: &Config) -> Result<server::Listener, DaemonError> {
+    let files = CertificateFiles::new(
+        config.listener.tls_certificate.as_deref(),
+        config.listener.tls_private_key.as_deref(),
+        &config.storage.state_directory,
+    );
+    if cert::ensure_generated(&files)? {
+        warn!(
+            path = %files.certificate.display(),
+            "generated a self-signed certificate: fine for trials, but Smaregi needs one it trusts"
+        );
+    }
+    let certificate = cert::load(&files)?;
+    info!(
+        path = %files.certificate.display(),
+        fingerprint = %certificate.fingerprint,
+        "TLS certificate loaded (SHA-256 fingerprint)"
+    );
+    let resolver = Arc::new(CertificateResolver::new(certificate));
+    let tls = cert::server_config(resolver);
+    server::bind(&config.listener, &config.intake, tls, store)
+        .await
+        .map_err(|source| DaemonError::Listen {
+            address: config.listener.address,
+            source,
+        })
 }
 
 /// The outbox engine with the executors of every configured upstream.

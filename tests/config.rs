@@ -121,7 +121,8 @@ fn an_unknown_key_is_reported_with_its_line_and_column_and_exit_78() {
     assert_eq!(code, i32::from(exit::CONFIG));
     assert_eq!(stdout, "");
     let expected = format!(
-        "{}:8:1: unknown field `adress`, expected one of `address`, `tls-certificate`, `tls-private-key`\n",
+        "{}:8:1: unknown field `adress`, expected one of `address`, `tls-certificate`, `tls-private-key`, \
+         `max-connections`, `handshake-timeout-seconds`, `header-timeout-seconds`, `body-timeout-seconds`\n",
         path.display()
     );
     assert_eq!(stderr, expected);

@@ -52,6 +52,15 @@ pub mod defaults {
     pub const LOG_LEVEL: &str = "info";
     /// Below systemd's default `TimeoutStopSec=` of 90 s, so we finish first.
     pub const SHUTDOWN_TIMEOUT_SECONDS: u64 = 10;
+    pub const MAX_CONNECTIONS: u32 = 256;
+    pub const HANDSHAKE_TIMEOUT_SECONDS: u64 = 10;
+    /// Slow senders (slowloris) are cut off after this.
+    pub const HEADER_TIMEOUT_SECONDS: u64 = 10;
+    pub const BODY_TIMEOUT_SECONDS: u64 = 60;
+    /// A stocktake can send thousands of rows in one notification.
+    pub const MAX_BODY_BYTES: u64 = 16 * 1024 * 1024;
+    /// The same `proc_name` and `params` again within this is a resend.
+    pub const DEDUP_WINDOW_SECONDS: u64 = 600;
     pub const NOTIFY_PATH: &str = "/smaregi/notify";
     pub const WEBHOOK_PATH: &str = "/smaregi/webhook";
     pub const SECRET_PARAMETER: &str = "relay_secret";
@@ -111,6 +120,13 @@ pub struct ListenerConfig {
     /// certificate is generated in the state directory.
     pub tls_certificate: Option<PathBuf>,
     pub tls_private_key: Option<PathBuf>,
+    /// Connections served at once; more are answered 429.
+    pub max_connections: u32,
+    pub handshake_timeout_seconds: u64,
+    /// Time to send the request line and headers.
+    pub header_timeout_seconds: u64,
+    /// Time to send the body.
+    pub body_timeout_seconds: u64,
 }
 
 impl Default for ListenerConfig {
@@ -119,6 +135,10 @@ impl Default for ListenerConfig {
             address: defaults::LISTEN_ADDRESS,
             tls_certificate: None,
             tls_private_key: None,
+            max_connections: defaults::MAX_CONNECTIONS,
+            handshake_timeout_seconds: defaults::HANDSHAKE_TIMEOUT_SECONDS,
+            header_timeout_seconds: defaults::HEADER_TIMEOUT_SECONDS,
+            body_timeout_seconds: defaults::BODY_TIMEOUT_SECONDS,
         }
     }
 }
@@ -193,6 +213,19 @@ pub struct IntakeConfig {
     pub secret_parameter: String,
     /// The shared secret Smaregi sends in `secret-parameter`.
     pub secret: Secret,
+    /// Largest request body; larger ones are answered 413.
+    #[serde(default = "default_max_body_bytes")]
+    pub max_body_bytes: u64,
+    #[serde(default = "default_dedup_window_seconds")]
+    pub dedup_window_seconds: u64,
+}
+
+fn default_max_body_bytes() -> u64 {
+    defaults::MAX_BODY_BYTES
+}
+
+fn default_dedup_window_seconds() -> u64 {
+    defaults::DEDUP_WINDOW_SECONDS
 }
 
 fn default_notify_path() -> String {

@@ -45,6 +45,27 @@ fn check(problems: &mut Vec<Problem>, ok: bool, key: &'static [&'static str], me
 
 impl Validate for ListenerConfig {
     fn validate(&self, problems: &mut Vec<Problem>) {
+        check(
+            problems,
+            (1..=65_536).contains(&self.max_connections),
+            &["listener", "max-connections"],
+            format!("{} is out of range: use 1 to 65536", self.max_connections),
+        );
+        const HANDSHAKE: &[&str] = &["listener", "handshake-timeout-seconds"];
+        const HEADER: &[&str] = &["listener", "header-timeout-seconds"];
+        const BODY: &[&str] = &["listener", "body-timeout-seconds"];
+        for (key, value) in [
+            (HANDSHAKE, self.handshake_timeout_seconds),
+            (HEADER, self.header_timeout_seconds),
+            (BODY, self.body_timeout_seconds),
+        ] {
+            check(
+                problems,
+                (1..=600).contains(&value),
+                key,
+                format!("{value} is out of range: use 1 to 600 seconds"),
+            );
+        }
         const CERTIFICATE: &[&str] = &["listener", "tls-certificate"];
         const PRIVATE_KEY: &[&str] = &["listener", "tls-private-key"];
         let (key, present, absent) = match (&self.tls_certificate, &self.tls_private_key) {
@@ -128,6 +149,24 @@ impl Validate for DaemonConfig {
 
 impl Validate for IntakeConfig {
     fn validate(&self, problems: &mut Vec<Problem>) {
+        check(
+            problems,
+            (64 * 1024..=256 * 1024 * 1024).contains(&self.max_body_bytes),
+            &["intake", "max-body-bytes"],
+            format!(
+                "{} is out of range: use 65536 (64 KiB) to 268435456 (256 MiB)",
+                self.max_body_bytes
+            ),
+        );
+        check(
+            problems,
+            self.dedup_window_seconds <= 7 * 24 * 3600,
+            &["intake", "dedup-window-seconds"],
+            format!(
+                "{} is out of range: use 0 to 604800 (a week)",
+                self.dedup_window_seconds
+            ),
+        );
         for (key, path) in [
             (&["intake", "notify-path"][..], &self.notify_path),
             (&["intake", "webhook-path"][..], &self.webhook_path),

@@ -31,12 +31,18 @@ pub fn write_file(dir: &Path, name: &str, contents: &str, mode: u32) -> PathBuf 
 }
 
 /// Writes `config.toml` in `dir`: state under `dir/state`, the intake
-/// secret in a 0600 file, then `extra` appended.
+/// secret in a 0600 file, `extra`, and a listener on a free loopback port.
 pub fn write_config(dir: &Path, extra: &str) -> PathBuf {
     write_file(dir, "intake-secret", &format!("{INTAKE_SECRET}\n"), 0o600);
     let text = format!(
         "[storage]\nstate-directory = \"state\"\n\n[intake]\nsecret = {{ file = \"intake-secret\" }}\n\n{extra}"
     );
+    // Last, so that the line numbers of `extra` stay what tests expect.
+    let text = if extra.contains("[listener]") {
+        text
+    } else {
+        format!("{text}\n[listener]\naddress = \"127.0.0.1:0\"\n")
+    };
     write_file(dir, "config.toml", &text, 0o640)
 }
 
@@ -214,3 +220,49 @@ pub fn open_raw_sled(path: &Path) -> sled::Db {
 }
 
 pub mod smaregi;
+
+/// A daemon that is ready, and the port its listener is bound to.
+pub struct RunningDaemon {
+    pub daemon: Daemon,
+    pub port: u16,
+    /// Where the daemon keeps its state (`dir/state`).
+    pub state: PathBuf,
+}
+
+impl RunningDaemon {
+    /// Starts the daemon on the config in `dir` and waits until it is ready.
+    pub fn start(dir: &Path, config: &Path) -> Self {
+        let daemon = Daemon::start(dir, config);
+        let ready = daemon
+            .notify
+            .wait_for("READY=1")
+            .unwrap_or_else(|e| panic!("{e}\n{}", daemon.stderr()));
+        let port = ready
+            .lines()
+            .find_map(|line| line.strip_prefix("STATUS=listening on "))
+            .and_then(|address| address.rsplit_once(':'))
+            .and_then(|(_, port)| port.parse().ok())
+            .unwrap_or_else(|| panic!("no listening address in {ready:?}"));
+        Self {
+            daemon,
+            port,
+            state: dir.join("state"),
+        }
+    }
+
+    /// The URL of `path` on the listener, by a name its certificate holds.
+    pub fn url(&self, path: &str) -> String {
+        format!("https://localhost:{}{path}", self.port)
+    }
+
+    /// The generated self-signed certificate, to trust.
+    pub fn certificate(&self) -> PathBuf {
+        self.state.join("tls/certificate.pem")
+    }
+
+    /// Stops the daemon with SIGTERM and returns its exit status.
+    pub fn stop(mut self) -> ExitStatus {
+        self.daemon.signal(libc::SIGTERM);
+        self.daemon.wait()
+    }
+}

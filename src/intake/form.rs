@@ -1,0 +1,313 @@
+//! Reading Smaregi's API送信 requests: the form body, the secret, and
+//! the `params` envelope, with an error that says which field was wrong
+//! and what was expected. Pure: no I/O.
+
+use serde_json::Value;
+
+/// The `proc_name`s Smaregi sends (SMAREGI.md §2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProcName {
+    StockSend,
+    TransactionSend,
+    ProductSend,
+    CustomerSend,
+}
+
+impl ProcName {
+    pub const ALL: [ProcName; 4] = [
+        Self::StockSend,
+        Self::TransactionSend,
+        Self::ProductSend,
+        Self::CustomerSend,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::StockSend => "stock_send",
+            Self::TransactionSend => "transaction_send",
+            Self::ProductSend => "product_send",
+            Self::CustomerSend => "customer_send",
+        }
+    }
+}
+
+/// Why a request is refused as malformed (HTTP 400).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FormError {
+    #[error("the body is not form data: {0}")]
+    Encoding(String),
+    #[error("field `{0}` is missing")]
+    Missing(&'static str),
+    #[error("field `{0}` appears more than once")]
+    Repeated(String),
+    #[error(
+        "proc_name `{0}` is not one of stock_send, transaction_send, product_send, customer_send"
+    )]
+    ProcName(String),
+    #[error("params is not JSON: {0}")]
+    Json(String),
+    #[error("params{path}: expected {expected}")]
+    Shape {
+        path: String,
+        expected: &'static str,
+    },
+}
+
+/// One API送信 request, read.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Notification {
+    pub proc_name: ProcName,
+    /// `params` exactly as sent, for the inbox.
+    pub params: String,
+    /// Rows per table, in order.
+    pub tables: Vec<(String, usize)>,
+}
+
+/// Decodes `application/x-www-form-urlencoded` strictly: a `%` must be
+/// followed by two hex digits, and every name and value must be UTF-8.
+pub fn decode_form(body: &[u8]) -> Result<Vec<(String, String)>, FormError> {
+    let mut fields = Vec::new();
+    for (index, pair) in body.split(|&b| b == b'&').enumerate() {
+        if pair.is_empty() {
+            continue;
+        }
+        let (name, value) = match pair.iter().position(|&b| b == b'=') {
+            Some(at) => (&pair[..at], &pair[at + 1..]),
+            None => (pair, &[][..]),
+        };
+        let decode = |part: &[u8], what: &str| {
+            percent_decode(part)
+                .ok_or_else(|| {
+                    FormError::Encoding(format!(
+                        "pair {} has a broken %-escape in its {what}",
+                        index + 1
+                    ))
+                })
+                .and_then(|bytes| {
+                    String::from_utf8(bytes).map_err(|_| {
+                        FormError::Encoding(format!(
+                            "pair {} has a {what} that is not UTF-8",
+                            index + 1
+                        ))
+                    })
+                })
+        };
+        fields.push((decode(name, "name")?, decode(value, "value")?));
+    }
+    Ok(fields)
+}
+
+fn percent_decode(part: &[u8]) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(part.len());
+    let mut bytes = part.iter();
+    while let Some(&byte) = bytes.next() {
+        match byte {
+            b'+' => out.push(b' '),
+            b'%' => {
+                let high = (*bytes.next()? as char).to_digit(16)?;
+                let low = (*bytes.next()? as char).to_digit(16)?;
+                out.push((high * 16 + low) as u8);
+            }
+            other => out.push(other),
+        }
+    }
+    Some(out)
+}
+
+/// The value of `name` in the form, else in the query string.
+pub fn secret_value<'a>(
+    form: &'a [(String, String)],
+    query: &'a [(String, String)],
+    name: &str,
+) -> Option<&'a str> {
+    form.iter()
+        .chain(query)
+        .find(|(field, _)| field == name)
+        .map(|(_, value)| value.as_str())
+}
+
+/// Reads `proc_name` and `params` of a decoded form.
+pub fn read_notification(form: &[(String, String)]) -> Result<Notification, FormError> {
+    let single = |name: &'static str| -> Result<&str, FormError> {
+        let mut values = form.iter().filter(|(field, _)| field == name);
+        let value = values.next().ok_or(FormError::Missing(name))?;
+        if values.next().is_some() {
+            return Err(FormError::Repeated(name.to_owned()));
+        }
+        Ok(value.1.as_str())
+    };
+    let name = single("proc_name")?;
+    let proc_name = ProcName::ALL
+        .into_iter()
+        .find(|p| p.as_str() == name)
+        .ok_or_else(|| FormError::ProcName(name.chars().take(64).collect()))?;
+    let params = single("params")?;
+    let json: Value = serde_json::from_str(params).map_err(|e| FormError::Json(e.to_string()))?;
+    let tables = envelope(&json)?;
+    Ok(Notification {
+        proc_name,
+        params: params.to_owned(),
+        tables,
+    })
+}
+
+/// Checks `{"data":[{"table_name": "…", "rows":[{…}, …]}, …]}`.
+fn envelope(json: &Value) -> Result<Vec<(String, usize)>, FormError> {
+    let shape = |path: String, expected| FormError::Shape { path, expected };
+    let object = json
+        .as_object()
+        .ok_or_else(|| shape(String::new(), "a JSON object"))?;
+    let data = object
+        .get("data")
+        .ok_or_else(|| shape(".data".into(), "an array of tables (it is missing)"))?
+        .as_array()
+        .ok_or_else(|| shape(".data".into(), "an array of tables"))?;
+    let mut tables = Vec::with_capacity(data.len());
+    for (i, table) in data.iter().enumerate() {
+        let path = format!(".data[{i}]");
+        let table = table
+            .as_object()
+            .ok_or_else(|| shape(path.clone(), "a table object"))?;
+        let name = table
+            .get("table_name")
+            .and_then(Value::as_str)
+            .filter(|name| !name.is_empty())
+            .ok_or_else(|| shape(format!("{path}.table_name"), "a table name string"))?;
+        let rows = table
+            .get("rows")
+            .and_then(Value::as_array)
+            .ok_or_else(|| shape(format!("{path}.rows"), "an array of rows"))?;
+        for (j, row) in rows.iter().enumerate() {
+            let row = row
+                .as_object()
+                .ok_or_else(|| shape(format!("{path}.rows[{j}]"), "an object of column values"))?;
+            for (column, value) in row {
+                if !matches!(value, Value::String(_) | Value::Number(_) | Value::Null) {
+                    return Err(shape(
+                        format!("{path}.rows[{j}].{column}"),
+                        "a string (Smaregi sends every value as a string)",
+                    ));
+                }
+            }
+        }
+        tables.push((name.to_owned(), rows.len()));
+    }
+    Ok(tables)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn form(pairs: &[(&str, &str)]) -> Vec<u8> {
+        let mut serializer = form_urlencoded::Serializer::new(String::new());
+        for (name, value) in pairs {
+            serializer.append_pair(name, value);
+        }
+        serializer.finish().into_bytes()
+    }
+
+    const STOCK: &str = r#"{"data":[{"table_name":"Stock","rows":[{"storeId":"1","productId":"113","amount":"-1","stockAmount":"4"},{"storeId":"1","productId":"114","amount":"2","stockAmount":null}]}]}"#;
+
+    #[test]
+    fn a_stock_send_with_custom_parameters_reads() {
+        let body = form(&[
+            ("proc_name", "stock_send"),
+            ("params", STOCK),
+            ("relay_secret", "s3cret&="),
+        ]);
+        let fields = decode_form(&body).unwrap();
+        let notification = read_notification(&fields).unwrap();
+        assert_eq!(notification.proc_name, ProcName::StockSend);
+        assert_eq!(notification.tables, [("Stock".to_owned(), 2)]);
+        assert_eq!(notification.params, STOCK);
+        assert_eq!(secret_value(&fields, &[], "relay_secret"), Some("s3cret&="));
+        let query = vec![("relay_secret".to_owned(), "from-query".to_owned())];
+        assert_eq!(
+            secret_value(&[], &query, "relay_secret"),
+            Some("from-query")
+        );
+    }
+
+    #[test]
+    fn broken_encodings_are_refused_with_where() {
+        assert!(
+            matches!(decode_form(b"proc_name=stock%2"), Err(FormError::Encoding(m)) if m.contains("pair 1"))
+        );
+        assert!(
+            matches!(decode_form(b"a=1&proc_name=%zz"), Err(FormError::Encoding(m)) if m.contains("pair 2"))
+        );
+        assert!(
+            matches!(decode_form(b"params=%ff%fe"), Err(FormError::Encoding(m)) if m.contains("not UTF-8"))
+        );
+        assert_eq!(
+            decode_form(b"a=x+y%21&&b").unwrap(),
+            [("a".into(), "x y!".into()), ("b".into(), String::new())]
+        );
+    }
+
+    #[test]
+    fn every_field_problem_says_which_and_what() {
+        let read = |pairs: &[(&str, &str)]| {
+            read_notification(&decode_form(&form(pairs)).unwrap())
+                .unwrap_err()
+                .to_string()
+        };
+        assert_eq!(read(&[("params", STOCK)]), "field `proc_name` is missing");
+        assert!(read(&[("proc_name", "order_send"), ("params", STOCK)]).contains("order_send"));
+        assert!(read(&[
+            ("proc_name", "stock_send"),
+            ("proc_name", "stock_send"),
+            ("params", STOCK)
+        ])
+        .contains("more than once"));
+        assert!(
+            read(&[("proc_name", "stock_send"), ("params", "{\"data\":[")])
+                .starts_with("params is not JSON")
+        );
+        assert_eq!(
+            read(&[("proc_name", "stock_send"), ("params", "{}")]),
+            "params.data: expected an array of tables (it is missing)"
+        );
+        assert_eq!(
+            read(&[
+                ("proc_name", "stock_send"),
+                (
+                    "params",
+                    r#"{"data":[{"table_name":"Stock","rows":[{"a":"1"},7]}]}"#
+                )
+            ]),
+            "params.data[0].rows[1]: expected an object of column values"
+        );
+        assert_eq!(
+            read(&[
+                ("proc_name", "stock_send"),
+                (
+                    "params",
+                    r#"{"data":[{"table_name":"Stock","rows":[{"a":{"b":1}}]}]}"#
+                )
+            ]),
+            "params.data[0].rows[0].a: expected a string (Smaregi sends every value as a string)"
+        );
+        let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
+        assert!(read(&[("proc_name", "stock_send"), ("params", &deep)]).contains("recursion limit"));
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+        #[test]
+        fn any_body_is_read_or_refused_without_panicking(body in proptest::collection::vec(any::<u8>(), 0..600)) {
+            if let Ok(fields) = decode_form(&body) {
+                let _ = read_notification(&fields);
+            }
+        }
+
+        #[test]
+        fn encoded_fields_decode_to_themselves(pairs in proptest::collection::vec(("\\PC{1,20}", "\\PC{0,40}"), 0..6)) {
+            let refs: Vec<(&str, &str)> = pairs.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
+            let decoded = decode_form(&form(&refs)).unwrap();
+            prop_assert_eq!(decoded, pairs);
+        }
+    }
+}

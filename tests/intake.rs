@@ -1,0 +1,225 @@
+//! The TLS intake of the real daemon, called like Smaregi calls it: over
+//! TLS trusting the generated certificate, and by the simulator acting as
+//! Smaregi's sender. Every accepted and refused case, and what ends up in
+//! the inbox.
+
+use std::path::Path;
+
+use serde_json::json;
+use smaregi_relay::intake::inbox::Inbox;
+use smaregi_relay::store::Store;
+use smaregi_sim::sender::{http_client, Sender};
+
+mod common;
+use common::{RunningDaemon, INTAKE_SECRET};
+
+const STOCK: &str = r#"{"data":[{"table_name":"Stock","rows":[{"storeId":"1","productId":"113","amount":"-1","stockAmount":"4","stockDivision":"02"},{"storeId":"1","productId":"114","amount":"3","stockAmount":"10","stockDivision":"03"}]}]}"#;
+
+fn form(pairs: &[(&str, &str)]) -> String {
+    let mut serializer = form_urlencoded::Serializer::new(String::new());
+    for (name, value) in pairs {
+        serializer.append_pair(name, value);
+    }
+    serializer.finish()
+}
+
+/// The bodies in the inbox, oldest first, read after the daemon stopped.
+async fn inbox_bodies(state: &Path) -> Vec<String> {
+    let store = Store::open(&common::store_options(&state.join("db"))).unwrap();
+    let inbox = Inbox::open(&store).unwrap();
+    let bodies = inbox
+        .unprocessed(usize::MAX)
+        .unwrap()
+        .into_iter()
+        .map(|seq| String::from_utf8(inbox.body(seq).unwrap()).unwrap())
+        .collect();
+    store.close().await.unwrap();
+    bodies
+}
+
+struct Answer {
+    status: u16,
+    body: String,
+}
+
+async fn post(client: &reqwest::Client, url: &str, content_type: &str, body: String) -> Answer {
+    let response = client
+        .post(url)
+        .header("content-type", content_type)
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    Answer {
+        status: response.status().as_u16(),
+        body: response.text().await.unwrap(),
+    }
+}
+
+const FORM: &str = "application/x-www-form-urlencoded";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notifications_are_stored_before_200_and_refusals_store_nothing() {
+    let temp = tempfile::tempdir().unwrap();
+    let config = common::write_config(temp.path(), "");
+    let relay = RunningDaemon::start(temp.path(), &config);
+    let client = http_client(Some(&relay.certificate())).unwrap();
+    let notify = relay.url("/smaregi/notify");
+
+    // Accepted: the secret in the form, or in the query string.
+    let in_form = form(&[
+        ("proc_name", "stock_send"),
+        ("params", STOCK),
+        ("relay_secret", INTAKE_SECRET),
+    ]);
+    let answer = post(&client, &notify, FORM, in_form.clone()).await;
+    assert_eq!(
+        (answer.status, answer.body.as_str()),
+        (200, r#"{"result":"ok"}"#)
+    );
+    let transaction = r#"{"data":[{"table_name":"TransactionHead","rows":[{"transactionHeadId":"952","total":"800"}]}]}"#;
+    let in_query = form(&[("proc_name", "transaction_send"), ("params", transaction)]);
+    let answer = post(
+        &client,
+        &format!("{notify}?relay_secret={INTAKE_SECRET}"),
+        FORM,
+        in_query.clone(),
+    )
+    .await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    // A resend within the window: answered 200, stored once.
+    let answer = post(&client, &notify, FORM, in_form.clone()).await;
+    assert_eq!(answer.status, 200);
+
+    // Refused, each with its status and a Japanese-then-English reason.
+    let refusals: Vec<(&str, String, &str, u16, &str)> = vec![
+        (
+            "wrong secret",
+            notify.clone(),
+            FORM,
+            401,
+            "認証に失敗しました",
+        ),
+        (
+            "no secret",
+            notify.clone(),
+            FORM,
+            401,
+            "Authentication failed",
+        ),
+        ("unknown proc_name", notify.clone(), FORM, 400, "order_send"),
+        (
+            "broken params",
+            notify.clone(),
+            FORM,
+            400,
+            "params is not JSON",
+        ),
+        (
+            "not a form",
+            notify.clone(),
+            "application/json",
+            400,
+            "x-www-form-urlencoded",
+        ),
+        ("broken escape", notify.clone(), FORM, 400, "%-escape"),
+        (
+            "unknown path",
+            relay.url("/elsewhere"),
+            FORM,
+            404,
+            "送信URL",
+        ),
+    ];
+    for (what, url, content_type, status, needle) in refusals {
+        let body = match what {
+            "wrong secret" => form(&[
+                ("proc_name", "stock_send"),
+                ("params", STOCK),
+                ("relay_secret", "not-the-secret"),
+            ]),
+            "no secret" => form(&[("proc_name", "stock_send"), ("params", STOCK)]),
+            "unknown proc_name" => form(&[
+                ("proc_name", "order_send"),
+                ("params", STOCK),
+                ("relay_secret", INTAKE_SECRET),
+            ]),
+            "broken params" => form(&[
+                ("proc_name", "stock_send"),
+                ("params", "{\"data\":["),
+                ("relay_secret", INTAKE_SECRET),
+            ]),
+            "broken escape" => format!("proc_name=stock%2&relay_secret={INTAKE_SECRET}"),
+            _ => in_form.clone(),
+        };
+        let answer = post(&client, &url, content_type, body).await;
+        assert_eq!(answer.status, status, "{what}: {}", answer.body);
+        assert!(answer.body.contains(needle), "{what}: {}", answer.body);
+    }
+    let get = client.get(&notify).send().await.unwrap();
+    assert_eq!(get.status().as_u16(), 405);
+    assert_eq!(get.headers()["allow"], "POST");
+    let huge = client
+        .post(&notify)
+        .header("content-type", FORM)
+        .body(vec![b'a'; 17 * 1024 * 1024])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(huge.status().as_u16(), 413);
+
+    // The simulator, as Smaregi's sender, with many rows.
+    let rows: Vec<_> = (0..3000)
+        .map(|n| json!({"storeId": "1", "productId": n.to_string(), "amount": "1", "stockAmount": "5"}))
+        .collect();
+    let stocktake = json!({"data": [{"table_name": "Stock", "rows": rows}]});
+    let sender = Sender::new(Some(&relay.certificate())).unwrap();
+    let secret = vec![("relay_secret".to_owned(), INTAKE_SECRET.to_owned())];
+    let (status, body) = sender
+        .send(&notify, "stock_send", &stocktake, &secret)
+        .await
+        .unwrap();
+    assert_eq!((status, body.as_str()), (200, r#"{"result":"ok"}"#));
+
+    let state = relay.state.clone();
+    assert!(relay.stop().success());
+    let bodies = inbox_bodies(&state).await;
+    assert_eq!(
+        bodies.len(),
+        3,
+        "two notifications and the stocktake; nothing refused, no resend"
+    );
+    assert_eq!(bodies[0], in_form);
+    assert_eq!(bodies[1], in_query);
+    assert!(bodies[2].contains("stock_send") && bodies[2].len() > 100_000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plaintext_and_garbage_on_the_tls_port_are_dropped_and_serving_goes_on() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let temp = tempfile::tempdir().unwrap();
+    let config = common::write_config(temp.path(), "");
+    let relay = RunningDaemon::start(temp.path(), &config);
+    for garbage in [
+        &b"POST /smaregi/notify HTTP/1.1\r\nHost: x\r\n\r\n"[..],
+        &[0x16, 0x03, 0x01, 0xff, 0xff, 0, 0, 0][..],
+    ] {
+        let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", relay.port))
+            .await
+            .unwrap();
+        tcp.write_all(garbage).await.unwrap();
+        let mut answer = Vec::new();
+        let read = tokio::time::timeout(common::EVENT_DEADLINE, tcp.read_to_end(&mut answer)).await;
+        assert!(read.is_ok(), "the connection is closed");
+        assert!(!String::from_utf8_lossy(&answer).contains("HTTP/1.1 200"));
+    }
+    let client = http_client(Some(&relay.certificate())).unwrap();
+    let body = form(&[
+        ("proc_name", "stock_send"),
+        ("params", STOCK),
+        ("relay_secret", INTAKE_SECRET),
+    ]);
+    let answer = post(&client, &relay.url("/smaregi/notify"), FORM, body).await;
+    assert_eq!(answer.status, 200);
+    assert!(relay.stop().success());
+}
