@@ -37,6 +37,30 @@ async fn inbox_bodies(state: &Path) -> Vec<String> {
     bodies
 }
 
+/// Sends `request` over TLS as is and returns the first answer bytes, or
+/// nothing if the server drops the connection.
+async fn raw_tls_exchange(relay: &RunningDaemon, request: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let tls = smaregi_relay::tls::client_config(Some(&relay.certificate())).unwrap();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls));
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", relay.port))
+        .await
+        .unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut stream = connector.connect(name, tcp).await.unwrap();
+    stream.write_all(request).await.unwrap();
+    let mut answer = vec![0u8; 8192];
+    let read = tokio::time::timeout(common::EVENT_DEADLINE, stream.read(&mut answer))
+        .await
+        .expect("an answer or a close");
+    match read {
+        Ok(read) => String::from_utf8_lossy(&answer[..read]).into_owned(),
+        // Closed without TLS close_notify: a dropped connection.
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => String::new(),
+        Err(e) => panic!("{e}"),
+    }
+}
+
 struct Answer {
     status: u16,
     body: String,
@@ -159,14 +183,14 @@ async fn notifications_are_stored_before_200_and_refusals_store_nothing() {
     let get = client.get(&notify).send().await.unwrap();
     assert_eq!(get.status().as_u16(), 405);
     assert_eq!(get.headers()["allow"], "POST");
-    let huge = client
-        .post(&notify)
-        .header("content-type", FORM)
-        .body(vec![b'a'; 17 * 1024 * 1024])
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(huge.status().as_u16(), 413);
+    // A body declared larger than the limit is refused before it is read.
+    let head = format!(
+        "POST /smaregi/notify HTTP/1.1\r\nHost: localhost\r\nContent-Type: {FORM}\r\nContent-Length: {}\r\n\r\n",
+        17 * 1024 * 1024
+    );
+    let answer = raw_tls_exchange(&relay, head.as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(answer.contains("16777216"), "{answer}");
 
     // The simulator, as Smaregi's sender, with many rows.
     let rows: Vec<_> = (0..3000)
@@ -221,5 +245,28 @@ async fn plaintext_and_garbage_on_the_tls_port_are_dropped_and_serving_goes_on()
     ]);
     let answer = post(&client, &relay.url("/smaregi/notify"), FORM, body).await;
     assert_eq!(answer.status, 200);
+    assert!(relay.stop().success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_senders_are_cut_off() {
+    let temp = tempfile::tempdir().unwrap();
+    let config = common::write_config(
+        temp.path(),
+        "[listener]\naddress = \"127.0.0.1:0\"\nheader-timeout-seconds = 1\nbody-timeout-seconds = 1\n",
+    );
+    let relay = RunningDaemon::start(temp.path(), &config);
+    // Headers that never end: the connection is closed.
+    let answer = raw_tls_exchange(
+        &relay,
+        b"POST /smaregi/notify HTTP/1.1\r\nHost: localhost\r\n",
+    )
+    .await;
+    assert!(!answer.contains("200 OK"), "{answer}");
+    // A body that never comes: 408 with the reason.
+    let head = format!("POST /smaregi/notify HTTP/1.1\r\nHost: localhost\r\nContent-Type: {FORM}\r\nContent-Length: 100\r\n\r\nproc_name=");
+    let answer = raw_tls_exchange(&relay, head.as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("did not arrive in time"), "{answer}");
     assert!(relay.stop().success());
 }
