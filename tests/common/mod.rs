@@ -225,12 +225,14 @@ pub mod smaregi;
 pub struct RunningDaemon {
     pub daemon: Daemon,
     pub port: u16,
-    /// Where the daemon keeps its state (`dir/state`).
+    /// Where the daemon keeps its state (`state/` beside a config from
+    /// [`write_config`]).
     pub state: PathBuf,
 }
 
 impl RunningDaemon {
-    /// Starts the daemon on the config in `dir` and waits until it is ready.
+    /// Starts the daemon on `config` and waits until it is ready; `dir`
+    /// takes its notify socket and stderr.
     pub fn start(dir: &Path, config: &Path) -> Self {
         let daemon = Daemon::start(dir, config);
         let ready = daemon
@@ -246,7 +248,7 @@ impl RunningDaemon {
         Self {
             daemon,
             port,
-            state: dir.join("state"),
+            state: config.parent().expect("a config file").join("state"),
         }
     }
 
