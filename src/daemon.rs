@@ -23,7 +23,9 @@ use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
 use crate::config::{self, Config, ConfigError, LoadedConfig};
-use crate::intake::cert::{self, CertError, CertificateFiles, CertificateResolver};
+use crate::intake::cert::{
+    self, CertError, CertificateFiles, CertificateResolver, Reload, Reloader,
+};
 use crate::intake::server;
 use crate::outbox::engine::{Engine, EngineBuilder, EngineError};
 use crate::smaregi::client::{ClientError, SmaregiClient};
@@ -125,7 +127,7 @@ async fn serve(loaded: LoadedConfig) -> Result<(), DaemonError> {
         let listener = intake_listener(&store, &config).await?;
         Ok::<_, DaemonError>((engine, listener))
     };
-    let (engine, listener) = match started.await {
+    let (engine, (listener, reloader)) = match started.await {
         Ok(started) => started,
         Err(error) => {
             store.close().await?;
@@ -138,7 +140,13 @@ async fn serve(loaded: LoadedConfig) -> Result<(), DaemonError> {
             address: config.listener.address,
             source,
         })?;
+    let status = StatusLine::new(address, reloader.fingerprint());
     tasks.spawn(server::serve(listener, shutdown.clone()));
+    tasks.spawn(reload_certificate(
+        reloader,
+        status.clone(),
+        shutdown.clone(),
+    ));
     tasks.spawn({
         let shutdown = shutdown.clone();
         async move {
@@ -149,8 +157,7 @@ async fn serve(loaded: LoadedConfig) -> Result<(), DaemonError> {
     });
     tasks.close();
 
-    let status = format!("listening on {address}");
-    notify(&[("READY", "1"), ("STATUS", &status)]);
+    notify(&[("READY", "1"), ("STATUS", &status.line())]);
     info!(%address, "ready");
 
     let stop = tokio::select! {
@@ -181,8 +188,11 @@ async fn serve(loaded: LoadedConfig) -> Result<(), DaemonError> {
     Ok(())
 }
 
-/// The TLS listener, bound, with its certificate.
-async fn intake_listener(store: &Store, config: &Config) -> Result<server::Listener, DaemonError> {
+/// The TLS listener, bound, and the reloader of its certificate.
+async fn intake_listener(
+    store: &Store,
+    config: &Config,
+) -> Result<(server::Listener, Reloader), DaemonError> {
     let files = CertificateFiles::new(
         config.listener.tls_certificate.as_deref(),
         config.listener.tls_private_key.as_deref(),
@@ -201,13 +211,79 @@ async fn intake_listener(store: &Store, config: &Config) -> Result<server::Liste
         "TLS certificate loaded (SHA-256 fingerprint)"
     );
     let resolver = Arc::new(CertificateResolver::new(certificate));
-    let tls = cert::server_config(resolver);
-    server::bind(&config.listener, &config.intake, tls, store)
+    let tls = cert::server_config(Arc::clone(&resolver));
+    let listener = server::bind(&config.listener, &config.intake, tls, store)
         .await
         .map_err(|source| DaemonError::Listen {
             address: config.listener.address,
             source,
-        })
+        })?;
+    Ok((listener, Reloader::new(files, resolver)))
+}
+
+/// How often the certificate files are checked for a change.
+const CERTIFICATE_CHECK_INTERVAL: Duration = Duration::from_secs(5);
+
+/// The `STATUS=` line systemd shows: the address and the certificate.
+#[derive(Debug, Clone)]
+struct StatusLine {
+    address: std::net::SocketAddr,
+    fingerprint: String,
+}
+
+impl StatusLine {
+    fn new(address: std::net::SocketAddr, fingerprint: String) -> Self {
+        Self {
+            address,
+            fingerprint,
+        }
+    }
+
+    fn line(&self) -> String {
+        format!(
+            "listening on {} · certificate {}",
+            self.address, self.fingerprint
+        )
+    }
+}
+
+/// Swaps in a changed certificate when its files change or on SIGHUP; a
+/// broken new file keeps the old certificate serving.
+async fn reload_certificate(
+    mut reloader: Reloader,
+    mut status: StatusLine,
+    shutdown: CancellationToken,
+) {
+    let mut hangup = match signal(SignalKind::hangup()) {
+        Ok(hangup) => Some(hangup),
+        Err(e) => {
+            warn!(error = %e, "cannot listen for SIGHUP; certificate files are still watched");
+            None
+        }
+    };
+    let mut every = tokio::time::interval(CERTIFICATE_CHECK_INTERVAL);
+    loop {
+        let forced = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = every.tick() => false,
+            Some(()) = async { match hangup.as_mut() { Some(h) => h.recv().await, None => None } } => true,
+        };
+        match reloader.reload(forced) {
+            Reload::Unchanged => {}
+            Reload::Replaced(fingerprint) => {
+                info!(%fingerprint, "TLS certificate reloaded; new connections use it");
+                status.fingerprint = fingerprint;
+                notify(&[("STATUS", &status.line())]);
+            }
+            Reload::Kept(error) => {
+                warn!(%error, "the new TLS certificate is unusable; the old one keeps serving");
+                notify(&[(
+                    "STATUS",
+                    &format!("{} (reload failed: {error})", status.line()),
+                )]);
+            }
+        }
+    }
 }
 
 /// The outbox engine with the executors of every configured upstream.

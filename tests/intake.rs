@@ -270,3 +270,71 @@ async fn slow_senders_are_cut_off() {
     assert!(answer.contains("did not arrive in time"), "{answer}");
     assert!(relay.stop().success());
 }
+
+/// The SHA-256 fingerprint of the certificate a new connection is served.
+async fn served_fingerprint(port: u16, trusted: &Path) -> String {
+    let tls = smaregi_relay::tls::client_config(Some(trusted)).unwrap();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls));
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let stream = connector.connect(name, tcp).await.unwrap();
+    let leaf = &stream.get_ref().1.peer_certificates().unwrap()[0];
+    smaregi_relay::intake::cert::fingerprint(leaf)
+}
+
+/// A fresh self-signed certificate for localhost, written over `cert`
+/// and `key` (key first, as certbot renews); returns its fingerprint.
+fn new_certificate(cert: &Path, key: &Path) -> String {
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    std::fs::write(key, certified.signing_key.serialize_pem()).unwrap();
+    std::fs::write(cert, certified.cert.pem()).unwrap();
+    smaregi_relay::intake::cert::fingerprint(certified.cert.der())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewed_certificate_serves_new_connections_and_a_broken_one_is_not_taken() {
+    let temp = tempfile::tempdir().unwrap();
+    let (cert, key) = (temp.path().join("cert.pem"), temp.path().join("key.pem"));
+    let first = new_certificate(&cert, &key);
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let config = common::write_config(
+        temp.path(),
+        "[listener]\naddress = \"127.0.0.1:0\"\ntls-certificate = \"cert.pem\"\ntls-private-key = \"key.pem\"\n",
+    );
+    let relay = RunningDaemon::start(temp.path(), &config);
+    // Each certificate is trusted through a copy, since the file changes.
+    let trusted = temp.path().join("trusted.pem");
+    std::fs::copy(&cert, &trusted).unwrap();
+    assert_eq!(served_fingerprint(relay.port, &trusted).await, first);
+    let status = |fingerprint: &str| {
+        format!(
+            "STATUS=listening on 127.0.0.1:{} · certificate {fingerprint}",
+            relay.port
+        )
+    };
+
+    // Renewed: new connections see it after SIGHUP.
+    let second = new_certificate(&cert, &key);
+    std::fs::copy(&cert, &trusted).unwrap();
+    relay.daemon.signal(libc::SIGHUP);
+    relay.daemon.notify.wait_for(&status(&second)).unwrap();
+    assert_eq!(served_fingerprint(relay.port, &trusted).await, second);
+
+    // Broken: the renewed one keeps serving, and the status says why.
+    std::fs::write(
+        &cert,
+        "-----BEGIN CERTIFICATE-----\nbroken\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
+    relay.daemon.signal(libc::SIGHUP);
+    let failed = relay
+        .daemon
+        .notify
+        .wait_for_prefix(&format!("{} (reload failed", status(&second)))
+        .unwrap();
+    assert!(failed.contains("cert.pem"), "{failed}");
+    assert_eq!(served_fingerprint(relay.port, &trusted).await, second);
+    assert!(relay.stop().success());
+}

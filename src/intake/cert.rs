@@ -142,9 +142,12 @@ pub fn load(files: &CertificateFiles) -> Result<LoadedCertificate, CertError> {
         message: e.to_string(),
     })?;
     let provider = rustls::crypto::ring::default_provider();
-    let certified = CertifiedKey::from_der(chain, key, &provider).map_err(|e| CertError::Key {
-        path: files.private_key.clone(),
-        message: format!("does not fit the certificate or is not usable: {e}"),
+    let certified = CertifiedKey::from_der(chain, key, &provider).map_err(|e| match e {
+        rustls::Error::InvalidCertificate(_) => certificate_error(e.to_string()),
+        e => CertError::Key {
+            path: files.private_key.clone(),
+            message: format!("does not fit the certificate or is not usable: {e}"),
+        },
     })?;
     Ok(LoadedCertificate {
         key: Arc::new(certified),
@@ -197,6 +200,74 @@ impl ResolvesServerCert for CertificateResolver {
         Some(Arc::clone(
             &self.current.read().unwrap_or_else(|e| e.into_inner()).key,
         ))
+    }
+}
+
+/// What a reload did.
+#[derive(Debug)]
+pub enum Reload {
+    /// The files did not change.
+    Unchanged,
+    /// A new certificate serves new connections; its fingerprint.
+    Replaced(String),
+    /// The new files are broken: the old certificate keeps serving.
+    Kept(CertError),
+}
+
+/// Watches the certificate files and swaps a changed certificate in.
+#[derive(Debug)]
+pub struct Reloader {
+    files: CertificateFiles,
+    resolver: Arc<CertificateResolver>,
+    seen: Option<FileStamps>,
+}
+
+/// Size and modification time of both files: a change to either is a
+/// reason to reload.
+type FileStamps = [(u64, Option<std::time::SystemTime>); 2];
+
+fn stamps(files: &CertificateFiles) -> Option<FileStamps> {
+    let stamp = |path: &Path| {
+        fs::metadata(path)
+            .ok()
+            .map(|meta| (meta.len(), meta.modified().ok()))
+    };
+    Some([stamp(&files.certificate)?, stamp(&files.private_key)?])
+}
+
+impl Reloader {
+    pub fn new(files: CertificateFiles, resolver: Arc<CertificateResolver>) -> Self {
+        Self {
+            seen: stamps(&files),
+            files,
+            resolver,
+        }
+    }
+
+    /// The fingerprint of the certificate serving now.
+    pub fn fingerprint(&self) -> String {
+        self.resolver.fingerprint()
+    }
+
+    /// Reloads if the files changed since the last look, or always when
+    /// `force` (SIGHUP).
+    pub fn reload(&mut self, force: bool) -> Reload {
+        let now = stamps(&self.files);
+        if !force && now == self.seen {
+            return Reload::Unchanged;
+        }
+        self.seen = now;
+        match load(&self.files) {
+            Ok(certificate) => {
+                let fingerprint = certificate.fingerprint.clone();
+                if fingerprint == self.resolver.fingerprint() {
+                    return Reload::Unchanged;
+                }
+                self.resolver.replace(certificate);
+                Reload::Replaced(fingerprint)
+            }
+            Err(error) => Reload::Kept(error),
+        }
     }
 }
 
@@ -258,5 +329,37 @@ mod tests {
         };
         let error = load(&mismatched).unwrap_err().to_string();
         assert!(error.contains("private key"), "{error}");
+    }
+
+    #[test]
+    fn the_reloader_takes_changed_files_and_keeps_the_old_certificate_on_broken_ones() {
+        let temp = tempfile::tempdir().unwrap();
+        let files = CertificateFiles::new(None, None, temp.path());
+        ensure_generated(&files).unwrap();
+        let resolver = Arc::new(CertificateResolver::new(load(&files).unwrap()));
+        let mut reloader = Reloader::new(files.clone(), Arc::clone(&resolver));
+        let first = resolver.fingerprint();
+        assert!(matches!(reloader.reload(false), Reload::Unchanged));
+
+        // Replaced by another generated pair: seen without a SIGHUP.
+        fs::remove_file(&files.certificate).unwrap();
+        fs::remove_file(&files.private_key).unwrap();
+        ensure_generated(&files).unwrap();
+        let Reload::Replaced(second) = reloader.reload(false) else {
+            panic!("a change is taken");
+        };
+        assert_ne!(second, first);
+        assert_eq!(resolver.fingerprint(), second);
+
+        fs::write(&files.certificate, "garbage").unwrap();
+        assert!(matches!(
+            reloader.reload(false),
+            Reload::Kept(CertError::Certificate { .. })
+        ));
+        assert_eq!(resolver.fingerprint(), second, "the old one keeps serving");
+        assert!(
+            matches!(reloader.reload(false), Reload::Unchanged),
+            "reported once"
+        );
     }
 }

@@ -72,8 +72,22 @@ impl NotifySocket {
         messages
     }
 
-    /// Waits for a notification containing `needle` (e.g. `READY=1`) and returns it.
+    /// Waits for a notification containing the line `needle` (e.g.
+    /// `READY=1`) and returns it.
     pub fn wait_for(&self, needle: &str) -> Result<String, String> {
+        self.wait_for_line(needle, |line| line == needle)
+    }
+
+    /// Waits for a notification with a line that starts with `prefix`.
+    pub fn wait_for_prefix(&self, prefix: &str) -> Result<String, String> {
+        self.wait_for_line(prefix, |line| line.starts_with(prefix))
+    }
+
+    fn wait_for_line(
+        &self,
+        needle: &str,
+        matches: impl Fn(&str) -> bool,
+    ) -> Result<String, String> {
         let deadline = Instant::now() + EVENT_DEADLINE;
         let mut seen = Vec::new();
         let mut buf = [0u8; 4096];
@@ -88,7 +102,7 @@ impl NotifySocket {
             match self.socket.recv(&mut buf) {
                 Ok(n) => {
                     let message = String::from_utf8_lossy(&buf[..n]).into_owned();
-                    if message.lines().any(|line| line == needle) {
+                    if message.lines().any(&matches) {
                         return Ok(message);
                     }
                     seen.push(message);
@@ -239,9 +253,11 @@ impl RunningDaemon {
             .notify
             .wait_for("READY=1")
             .unwrap_or_else(|e| panic!("{e}\n{}", daemon.stderr()));
+        // STATUS=listening on 127.0.0.1:PORT · certificate AB:CD:…
         let port = ready
             .lines()
             .find_map(|line| line.strip_prefix("STATUS=listening on "))
+            .and_then(|rest| rest.split_whitespace().next())
             .and_then(|address| address.rsplit_once(':'))
             .and_then(|(_, port)| port.parse().ok())
             .unwrap_or_else(|| panic!("no listening address in {ready:?}"));
