@@ -212,7 +212,8 @@ async fn intake_listener(
     );
     let resolver = Arc::new(CertificateResolver::new(certificate));
     let tls = cert::server_config(Arc::clone(&resolver));
-    let listener = server::bind(&config.listener, &config.intake, tls, store)
+    let contract_id = config.smaregi.as_ref().map(|s| s.contract_id.as_str());
+    let listener = server::bind(&config.listener, &config.intake, contract_id, tls, store)
         .await
         .map_err(|source| DaemonError::Listen {
             address: config.listener.address,

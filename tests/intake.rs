@@ -338,3 +338,83 @@ async fn a_renewed_certificate_serves_new_connections_and_a_broken_one_is_not_ta
     assert_eq!(served_fingerprint(relay.port, &trusted).await, second);
     assert!(relay.stop().success());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn platform_webhooks_for_our_contract_are_stored_once_per_event() {
+    let temp = tempfile::tempdir().unwrap();
+    common::smaregi::relay_config(temp.path(), "http://127.0.0.1:9/access/", "");
+    let relay = RunningDaemon::start(temp.path(), &temp.path().join("config.toml"));
+    let client = http_client(Some(&relay.certificate())).unwrap();
+    let url = format!(
+        "{}?relay_secret={INTAKE_SECRET}",
+        relay.url("/smaregi/webhook")
+    );
+    let body = r#"{"contractId":"sim_contract","event":"pos:stock","action":"edited","ids":[{"id":"1","productId":"113","storeId":"1"}]}"#;
+    let send = |url: String,
+                event: Option<&'static str>,
+                event_id: &'static str,
+                contract: &'static str| {
+        let client = client.clone();
+        async move {
+            let mut request = client
+                .post(url)
+                .header("content-type", "application/json")
+                .header("smaregi-event-id", event_id)
+                .header("smaregi-contract-id", contract)
+                .body(body);
+            if let Some(event) = event {
+                request = request.header("smaregi-event", event);
+            }
+            let response = request.send().await.unwrap();
+            (response.status().as_u16(), response.text().await.unwrap())
+        }
+    };
+    let contract = common::smaregi::CONTRACT_ID;
+    assert_eq!(
+        send(url.clone(), Some("pos:stock"), "ev-1", contract)
+            .await
+            .0,
+        200
+    );
+    assert_eq!(
+        send(url.clone(), Some("pos:stock"), "ev-1", contract)
+            .await
+            .0,
+        200,
+        "a resend"
+    );
+    assert_eq!(
+        send(url.clone(), Some("pos:stock"), "ev-2", "someone_else")
+            .await
+            .0,
+        401
+    );
+    assert_eq!(
+        send(
+            relay.url("/smaregi/webhook"),
+            Some("pos:stock"),
+            "ev-3",
+            contract
+        )
+        .await
+        .0,
+        401
+    );
+    let (status, text) = send(url.clone(), None, "ev-4", contract).await;
+    assert_eq!(status, 400);
+    assert!(text.contains("Smaregi-Event"), "{text}");
+
+    let state = relay.state.clone();
+    assert!(relay.stop().success());
+    let store = Store::open(&common::store_options(&state.join("db"))).unwrap();
+    let inbox = Inbox::open(&store).unwrap();
+    let stored = inbox.unprocessed(usize::MAX).unwrap();
+    assert_eq!(stored.len(), 1);
+    let entry = inbox.entry(stored[0]).unwrap().unwrap();
+    assert_eq!(
+        (entry.kind.as_str(), entry.dedup_key.as_str()),
+        ("pos:stock", "event:ev-1")
+    );
+    assert_eq!(inbox.body(stored[0]).unwrap(), body.as_bytes());
+    store.close().await.unwrap();
+}

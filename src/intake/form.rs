@@ -36,7 +36,7 @@ impl ProcName {
 pub enum FormError {
     #[error("the body is not form data: {0}")]
     Encoding(String),
-    #[error("field `{0}` is missing")]
+    #[error("`{0}` is missing")]
     Missing(&'static str),
     #[error("field `{0}` appears more than once")]
     Repeated(String),
@@ -46,7 +46,7 @@ pub enum FormError {
     ProcName(String),
     #[error("params is not JSON: {0}")]
     Json(String),
-    #[error("params{path}: expected {expected}")]
+    #[error("{path}: expected {expected}")]
     Shape {
         path: String,
         expected: &'static str,
@@ -156,15 +156,15 @@ fn envelope(json: &Value) -> Result<Vec<(String, usize)>, FormError> {
     let shape = |path: String, expected| FormError::Shape { path, expected };
     let object = json
         .as_object()
-        .ok_or_else(|| shape(String::new(), "a JSON object"))?;
+        .ok_or_else(|| shape("params".into(), "a JSON object"))?;
     let data = object
         .get("data")
-        .ok_or_else(|| shape(".data".into(), "an array of tables (it is missing)"))?
+        .ok_or_else(|| shape("params.data".into(), "an array of tables (it is missing)"))?
         .as_array()
-        .ok_or_else(|| shape(".data".into(), "an array of tables"))?;
+        .ok_or_else(|| shape("params.data".into(), "an array of tables"))?;
     let mut tables = Vec::with_capacity(data.len());
     for (i, table) in data.iter().enumerate() {
-        let path = format!(".data[{i}]");
+        let path = format!("params.data[{i}]");
         let table = table
             .as_object()
             .ok_or_else(|| shape(path.clone(), "a table object"))?;
@@ -193,6 +193,70 @@ fn envelope(json: &Value) -> Result<Vec<(String, usize)>, FormError> {
         tables.push((name.to_owned(), rows.len()));
     }
     Ok(tables)
+}
+
+/// A Platform API webhook, read from its headers and JSON body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Webhook {
+    pub event: String,
+    pub event_id: String,
+    /// For `pos:stock`: (store, product) pairs to refresh.
+    pub stock_ids: Vec<(String, String)>,
+}
+
+/// Checks a webhook's headers and body. `contract_id` is ours; a webhook
+/// for another contract is refused.
+pub fn read_webhook(
+    event: Option<&str>,
+    event_id: Option<&str>,
+    contract: Option<&str>,
+    body: &[u8],
+) -> Result<Webhook, FormError> {
+    let header = |value: Option<&str>, name: &'static str| -> Result<String, FormError> {
+        value
+            .map(str::trim)
+            .filter(|v| !v.is_empty() && v.len() <= 200)
+            .map(str::to_owned)
+            .ok_or(FormError::Missing(name))
+    };
+    let event = header(event, "Smaregi-Event")?;
+    let event_id = header(event_id, "Smaregi-Event-Id")?;
+    header(contract, "Smaregi-Contract-Id")?;
+    let json: Value = serde_json::from_slice(body).map_err(|e| FormError::Json(e.to_string()))?;
+    let shape = |path: &str, expected| FormError::Shape {
+        path: path.to_owned(),
+        expected,
+    };
+    if !json.is_object() {
+        return Err(shape("body", "a JSON object"));
+    }
+    let mut stock_ids = Vec::new();
+    if event == "pos:stock" {
+        let ids = json
+            .get("ids")
+            .and_then(Value::as_array)
+            .ok_or_else(|| shape("body.ids", "an array of {id, productId, storeId}"))?;
+        for (i, id) in ids.iter().enumerate() {
+            let field = |name: &str| {
+                id.get(name)
+                    .and_then(|v| {
+                        v.as_str()
+                            .map(str::to_owned)
+                            .or_else(|| v.as_u64().map(|n| n.to_string()))
+                    })
+                    .ok_or_else(|| FormError::Shape {
+                        path: format!("body.ids[{i}].{name}"),
+                        expected: "a store or product id",
+                    })
+            };
+            stock_ids.push((field("storeId")?, field("productId")?));
+        }
+    }
+    Ok(Webhook {
+        event,
+        event_id,
+        stock_ids,
+    })
 }
 
 #[cfg(test)]
@@ -254,7 +318,7 @@ mod tests {
                 .unwrap_err()
                 .to_string()
         };
-        assert_eq!(read(&[("params", STOCK)]), "field `proc_name` is missing");
+        assert_eq!(read(&[("params", STOCK)]), "`proc_name` is missing");
         assert!(read(&[("proc_name", "order_send"), ("params", STOCK)]).contains("order_send"));
         assert!(read(&[
             ("proc_name", "stock_send"),
@@ -292,6 +356,40 @@ mod tests {
         );
         let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
         assert!(read(&[("proc_name", "stock_send"), ("params", &deep)]).contains("recursion limit"));
+    }
+
+    #[test]
+    fn webhooks_need_their_headers_and_a_stock_event_its_ids() {
+        let body = br#"{"contractId":"c1","event":"pos:stock","action":"edited","ids":[{"id":"1","productId":"113","storeId":"1"},{"id":2,"productId":114,"storeId":2}]}"#;
+        let hook = read_webhook(Some("pos:stock"), Some("ev-1"), Some("c1"), body).unwrap();
+        assert_eq!(
+            hook.stock_ids,
+            [("1".into(), "113".into()), ("2".into(), "114".into())]
+        );
+        assert_eq!(hook.event_id, "ev-1");
+        assert_eq!(
+            read_webhook(None, Some("ev-1"), Some("c1"), body)
+                .unwrap_err()
+                .to_string(),
+            "`Smaregi-Event` is missing"
+        );
+        let no_ids = br#"{"event":"pos:stock"}"#;
+        assert_eq!(
+            read_webhook(Some("pos:stock"), Some("e"), Some("c1"), no_ids)
+                .unwrap_err()
+                .to_string(),
+            "body.ids: expected an array of {id, productId, storeId}"
+        );
+        assert!(read_webhook(Some("pos:products"), Some("e"), Some("c1"), b"[]").is_err());
+        assert!(read_webhook(
+            Some("pos:products"),
+            Some("e"),
+            Some("c1"),
+            br#"{"ids":[]}"#
+        )
+        .unwrap()
+        .stock_ids
+        .is_empty());
     }
 
     proptest! {

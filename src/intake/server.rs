@@ -124,6 +124,8 @@ struct Handler {
     webhook_path: String,
     secret_parameter: String,
     secret: SecretString,
+    /// Our 契約ID: webhooks for another contract are refused.
+    contract_id: Option<String>,
     max_body_bytes: u64,
     body_timeout: Duration,
     dedup_window_ms: u64,
@@ -149,6 +151,7 @@ impl Listener {
 pub async fn bind(
     listener: &ListenerConfig,
     intake: &IntakeConfig,
+    contract_id: Option<&str>,
     tls: rustls::ServerConfig,
     store: &Store,
 ) -> std::io::Result<Listener> {
@@ -160,6 +163,7 @@ pub async fn bind(
         webhook_path: intake.webhook_path.clone(),
         secret_parameter: intake.secret_parameter.clone(),
         secret: SecretString::from(intake.secret.expose().to_owned()),
+        contract_id: contract_id.map(str::to_owned),
         max_body_bytes: intake.max_body_bytes,
         body_timeout: Duration::from_secs(listener.body_timeout_seconds),
         dedup_window_ms: intake.dedup_window_seconds * 1000,
@@ -266,8 +270,10 @@ impl Handler {
                 Ok(()) => ok(),
                 Err(refusal) => refusal.response(),
             },
-            // The Platform webhook route comes with its own handler.
-            Route::Webhook => Refusal::NotFound.response(),
+            Route::Webhook => match self.webhook(request).await {
+                Ok(()) => ok(),
+                Err(refusal) => refusal.response(),
+            },
         }
     }
 
@@ -293,6 +299,89 @@ impl Handler {
         }
     }
 
+    /// Checks the shared secret, from the form or the query string.
+    fn authenticate(
+        &self,
+        form: &[(String, String)],
+        query: &[(String, String)],
+    ) -> Result<(), Refusal> {
+        let offered = form::secret_value(form, query, &self.secret_parameter).unwrap_or("");
+        let expected = self.secret.expose_secret().as_bytes();
+        if bool::from(offered.as_bytes().ct_eq(expected)) {
+            Ok(())
+        } else {
+            Err(Refusal::Unauthorized)
+        }
+    }
+
+    /// Stores an accepted notification and commits it.
+    async fn store(&self, offer: Offer<'_>) -> Result<(), Refusal> {
+        let accepted = self.inbox.accept(offer).map_err(|e| {
+            warn!(error = %e, "intake: cannot store a notification");
+            Refusal::Unavailable
+        })?;
+        self.store.commit().await.map_err(|e| {
+            warn!(error = %e, "intake: cannot commit a notification");
+            Refusal::Unavailable
+        })?;
+        let kind = offer.kind;
+        match accepted {
+            Accepted::New(seq) => info!(
+                seq,
+                kind,
+                bytes = offer.body.len(),
+                "intake: notification stored"
+            ),
+            Accepted::Duplicate(seq) => info!(
+                seq,
+                kind, "intake: resent notification answered, not stored again"
+            ),
+        }
+        Ok(())
+    }
+
+    /// A Platform API webhook: the secret in the query string, our
+    /// contract id, the event headers, a JSON body.
+    async fn webhook(&self, request: Request<Incoming>) -> Result<(), Refusal> {
+        let query = form::decode_form(request.uri().query().unwrap_or("").as_bytes())
+            .map_err(|e| Refusal::Malformed(format!("query string: {e}")))?;
+        let header = |name: &str| {
+            request
+                .headers()
+                .get(name)
+                .and_then(|value| value.to_str().ok())
+                .map(str::to_owned)
+        };
+        let (event, event_id, contract) = (
+            header("smaregi-event"),
+            header("smaregi-event-id"),
+            header("smaregi-contract-id"),
+        );
+        let body = self.read_body(request).await?;
+        self.authenticate(&[], &query)?;
+        let ours = self.contract_id.as_deref();
+        if contract.is_some() && contract.as_deref() != ours {
+            return Err(Refusal::Unauthorized);
+        }
+        let webhook = form::read_webhook(
+            event.as_deref(),
+            event_id.as_deref(),
+            contract.as_deref(),
+            &body,
+        )
+        .map_err(|e| Refusal::Malformed(e.to_string()))?;
+        let dedup_key = format!("event:{}", webhook.event_id);
+        self.store(Offer {
+            route: Route::Webhook,
+            kind: &webhook.event,
+            dedup_key: &dedup_key,
+            body: &body,
+            now: unix_millis(std::time::SystemTime::now()),
+            window: self.dedup_window_ms,
+        })
+        .await
+    }
+
     /// API送信: authenticate, read, store, commit.
     async fn notify(&self, request: Request<Incoming>) -> Result<(), Refusal> {
         let query = request.uri().query().unwrap_or("").as_bytes().to_vec();
@@ -315,11 +404,7 @@ impl Handler {
         let fields = form::decode_form(&body).map_err(malformed)?;
         let query = form::decode_form(&query)
             .map_err(|e| Refusal::Malformed(format!("query string: {e}")))?;
-        let offered = form::secret_value(&fields, &query, &self.secret_parameter).unwrap_or("");
-        let expected = self.secret.expose_secret().as_bytes();
-        if !bool::from(offered.as_bytes().ct_eq(expected)) {
-            return Err(Refusal::Unauthorized);
-        }
+        self.authenticate(&fields, &query)?;
         let notification = form::read_notification(&fields).map_err(malformed)?;
         let kind = notification.proc_name.as_str();
         let dedup_key = inbox::content_key(kind, &notification.params);
