@@ -182,7 +182,7 @@ async fn drain(store: &Store, config: &Config, job_count: usize) {
     let running = tokio::spawn(engine.clone().run(shutdown.clone()));
     // Jobs a killed daemon already finished.
     let mut done = engine.status().unwrap().total(JobState::Done) as usize;
-    let deadline = std::time::Duration::from_secs(600);
+    let deadline = std::time::Duration::from_secs(600 + job_count as u64 / 20);
     tokio::time::timeout(deadline, async {
         while done < job_count {
             match settled.recv().await {
@@ -257,7 +257,9 @@ async fn kill_campaign(orders: usize, kills: usize) {
     };
     sim.set_faults(campaign_faults());
     let mut calls = sim.calls();
-    let calls_per_life = (job_count * 3 / 2 / kills).max(2);
+    // About two calls per job: the lives together should do the whole
+    // campaign, so that the kills land all through it.
+    let calls_per_life = (job_count * 4 / kills).max(2);
     let mut killed = 0;
     while killed < kills && sim.contract().transactions.len() < job_count {
         let life = temp.path().join(format!("life-{killed}"));
