@@ -256,7 +256,7 @@ async fn kill_campaign(orders: usize, kills: usize) {
         enqueued
     };
     sim.set_faults(campaign_faults());
-    let mut calls = sim.calls();
+    let (mut calls, mut writes) = (sim.calls(), sim.writes());
     // About two calls per job: the lives together should do the whole
     // campaign, so that the kills land all through it.
     let calls_per_life = (job_count * 4 / kills).max(2);
@@ -266,8 +266,14 @@ async fn kill_campaign(orders: usize, kills: usize) {
         std::fs::create_dir(&life).unwrap();
         let mut daemon = common::Daemon::start(&life, &config_path);
         let target = *calls.borrow() + rand::random_range(1..=calls_per_life) as u64;
-        let progressed =
-            tokio::time::timeout(common::EVENT_DEADLINE, calls.wait_for(|&n| n >= target)).await;
+        // Killed after `target` calls, unless the work is all done first.
+        let progress = async {
+            tokio::select! {
+                _ = calls.wait_for(|&n| n >= target) => {}
+                _ = writes.wait_for(|&n| n >= job_count as u64) => {}
+            }
+        };
+        let progressed = tokio::time::timeout(common::EVENT_DEADLINE, progress).await;
         daemon.signal(libc::SIGKILL);
         let status = tokio::task::block_in_place(|| daemon.wait());
         assert!(

@@ -94,8 +94,10 @@ struct Shared {
     maintenance_until: Mutex<Option<Instant>>,
     bucket: Mutex<(f64, Instant)>,
     stats: Mutex<Stats>,
-    /// Calls to `/access/` so far, for tests to await progress on.
+    /// Calls to `/access/`, and writes, so far: for tests to await
+    /// progress on.
     calls: tokio::sync::watch::Sender<u64>,
+    writes: tokio::sync::watch::Sender<u64>,
     shutdown: CancellationToken,
 }
 
@@ -148,6 +150,7 @@ impl Simulator {
             bucket: Mutex::new((burst, Instant::now())),
             stats: Mutex::new(Stats::default()),
             calls: tokio::sync::watch::Sender::new(0),
+            writes: tokio::sync::watch::Sender::new(0),
             shutdown: CancellationToken::new(),
         });
         let tasks = TaskTracker::new();
@@ -204,6 +207,11 @@ impl Simulator {
     /// The number of calls to `/access/` so far, updated as they arrive.
     pub fn calls(&self) -> tokio::sync::watch::Receiver<u64> {
         self.shared.calls.subscribe()
+    }
+
+    /// The number of calls that changed the contract's data so far.
+    pub fn writes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.shared.writes.subscribe()
     }
 
     /// Stops accepting, drops open connections, and waits for them.
@@ -400,6 +408,7 @@ async fn access(shared: &Shared, headers: &hyper::HeaderMap, body: &[u8]) -> Rep
     let wrote = matches!(&answer, Ok((_, true)));
     if wrote {
         stats(|s| s.writes += 1);
+        shared.writes.send_modify(|writes| *writes += 1);
     }
     match (answer, injected) {
         (Err(error), _) => {
