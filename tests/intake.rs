@@ -418,3 +418,58 @@ async fn platform_webhooks_for_our_contract_are_stored_once_per_event() {
     assert_eq!(inbox.body(stored[0]).unwrap(), body.as_bytes());
     store.close().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_that_cannot_write_answers_503_and_loses_nothing_acknowledged() {
+    let temp = tempfile::tempdir().unwrap();
+    let config = common::write_config(temp.path(), "");
+    let daemon = common::Daemon::start_with_file_size_limit(temp.path(), &config, 12 * 1024 * 1024);
+    let mut relay = RunningDaemon::ready(daemon, &config);
+    let client = http_client(Some(&relay.certificate())).unwrap();
+    let url = relay.url("/smaregi/notify");
+    let mut acknowledged = Vec::new();
+    let mut refused = None;
+    for n in 0..64 {
+        let rows: Vec<_> = (0..4000)
+            .map(|i| json!({"storeId": "1", "productId": format!("{n}-{i}"), "amount": "1", "stockAmount": "5"}))
+            .collect();
+        let params = json!({"data": [{"table_name": "Stock", "rows": rows}]}).to_string();
+        let body = form(&[
+            ("proc_name", "stock_send"),
+            ("params", &params),
+            ("relay_secret", INTAKE_SECRET),
+        ]);
+        match client
+            .post(&url)
+            .header("content-type", FORM)
+            .body(body.clone())
+            .send()
+            .await
+        {
+            Ok(response) if response.status() == 200 => acknowledged.push(body),
+            Ok(response) => {
+                refused = Some((response.status().as_u16(), response.text().await.unwrap()));
+                break;
+            }
+            // The daemon stopped after the failure; the answer was lost.
+            Err(_) => break,
+        }
+    }
+    let status = tokio::task::block_in_place(|| relay.daemon.wait());
+    assert_eq!(status.code(), Some(74), "{}", relay.daemon.stderr());
+    let (code, text) = refused.expect("a notification is refused before the daemon stops");
+    assert_eq!(code, 503, "{text}");
+    assert!(
+        text.contains("一時的に保存できません") && text.contains("send it again later"),
+        "{text}"
+    );
+    assert!(!acknowledged.is_empty(), "the limit leaves room for some");
+
+    let bodies = inbox_bodies(&relay.state).await;
+    for body in &acknowledged {
+        assert!(
+            bodies.contains(body),
+            "an acknowledged notification was lost"
+        );
+    }
+}

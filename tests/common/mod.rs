@@ -130,9 +130,44 @@ impl Daemon {
 
     /// Starts the daemon with extra environment variables.
     pub fn start_with_env(dir: &Path, config: &Path, envs: &[(&str, &str)]) -> Self {
+        Self::spawn(dir, config, envs, None)
+    }
+
+    /// Starts the daemon unable to write files larger than `limit` bytes:
+    /// a write past it fails with EFBIG, as on a full disk.
+    pub fn start_with_file_size_limit(dir: &Path, config: &Path, limit: u64) -> Self {
+        Self::spawn(dir, config, &[], Some(limit))
+    }
+
+    fn spawn(
+        dir: &Path,
+        config: &Path,
+        envs: &[(&str, &str)],
+        file_size_limit: Option<u64>,
+    ) -> Self {
+        use std::os::unix::process::CommandExt;
         let notify = NotifySocket::bind(dir);
         let stderr = dir.join("daemon.stderr");
-        let child = Command::new(relay_binary())
+        let mut command = Command::new(relay_binary());
+        if let Some(limit) = file_size_limit {
+            // SAFETY: only async-signal-safe calls between fork and exec.
+            unsafe {
+                command.pre_exec(move || {
+                    let rlimit = libc::rlimit {
+                        rlim_cur: limit,
+                        rlim_max: limit,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_FSIZE, &rlimit) != 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                    // Ignored, the signal stays ignored across exec, and
+                    // write() fails with EFBIG instead of killing the process.
+                    libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+                    Ok(())
+                });
+            }
+        }
+        let child = command
             .args(["run", "--config"])
             .arg(config)
             .env("NOTIFY_SOCKET", &notify.path)
@@ -248,7 +283,11 @@ impl RunningDaemon {
     /// Starts the daemon on `config` and waits until it is ready; `dir`
     /// takes its notify socket and stderr.
     pub fn start(dir: &Path, config: &Path) -> Self {
-        let daemon = Daemon::start(dir, config);
+        Self::ready(Daemon::start(dir, config), config)
+    }
+
+    /// Waits until `daemon`, started on `config`, is ready.
+    pub fn ready(daemon: Daemon, config: &Path) -> Self {
         let ready = daemon
             .notify
             .wait_for("READY=1")
