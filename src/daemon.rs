@@ -6,9 +6,10 @@
 //! holds, gives the tasks `shutdown-timeout-seconds` to finish, makes a
 //! final durable commit and returns.
 //!
-//! If the store fails a flush or sync, the daemon stops at once with an
-//! error and without draining: nothing it would still do could be made
-//! durable, and systemd restarts it to recover from what is on disk.
+//! If the store fails a flush or sync, the daemon stops with an error and
+//! without draining: nothing it would still do could be made durable, and
+//! systemd restarts it to recover from what is on disk. Answers already
+//! decided (503s) get a second to reach their senders.
 //!
 //! This module owns the wiring and nothing else: every component's logic
 //! lives in its own module.
@@ -167,7 +168,14 @@ async fn serve(loaded: LoadedConfig) -> Result<(), DaemonError> {
     };
     let signal_name = match stop {
         Ok(signal_name) => signal_name,
-        Err(error) => return Err(abandon(store, error)),
+        Err(error) => {
+            // Nothing can be committed any more, but requests already
+            // refused (503) should still hear so: stop accepting and give
+            // them a moment, without draining anything else.
+            shutdown.cancel();
+            let _ = tokio::time::timeout(FAILURE_GRACE, tasks.wait()).await;
+            return Err(abandon(store, error));
+        }
     };
     info!(signal = signal_name, "shutting down");
     notify(&[("STOPPING", "1"), ("STATUS", "shutting down")]);
@@ -286,6 +294,9 @@ async fn reload_certificate(
         }
     }
 }
+
+/// After a store failure, how long answers in flight get to be sent.
+const FAILURE_GRACE: Duration = Duration::from_secs(1);
 
 /// The outbox engine with the executors of every configured upstream.
 fn outbox_engine(store: &Store, config: &Config) -> Result<Engine, DaemonError> {
