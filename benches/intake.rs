@@ -21,7 +21,6 @@ use hyper_util::rt::TokioIo;
 use smaregi_relay::intake::cert::{self, CertificateFiles, CertificateResolver};
 
 #[path = "../tests/common/mod.rs"]
-#[allow(dead_code)]
 mod common;
 
 const SECONDS: u64 = 5;
