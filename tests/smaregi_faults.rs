@@ -276,12 +276,32 @@ async fn kill_campaign(orders: usize, kills: usize) {
         let progressed = tokio::time::timeout(common::EVENT_DEADLINE, progress).await;
         daemon.signal(libc::SIGKILL);
         let status = tokio::task::block_in_place(|| daemon.wait());
-        assert!(
-            progressed.is_ok(),
-            "no progress in {:?}; daemon: {status:?}\n{}",
-            common::EVENT_DEADLINE,
-            daemon.stderr()
-        );
+        if progressed.is_err() {
+            let store = Store::open(&options).unwrap();
+            let queue = smaregi_relay::outbox::queue::Queue::open(&store).unwrap();
+            let parked = queue
+                .list(&smaregi_relay::outbox::queue::ListFilter {
+                    state: Some(JobState::Parked),
+                    ..Default::default()
+                })
+                .unwrap();
+            let pending = queue
+                .list(&smaregi_relay::outbox::queue::ListFilter {
+                    state: Some(JobState::Pending),
+                    limit: 5,
+                    ..Default::default()
+                })
+                .unwrap();
+            panic!(
+                "life {killed}: no progress in {:?}; daemon: {status:?}\ncounts {:?}\nparked {:?}\npending {:?}\nwrites {}\n{}",
+                common::EVENT_DEADLINE,
+                queue.counts().unwrap(),
+                parked.iter().map(|j| (j.id, j.kind.clone(), j.last_error.clone())).collect::<Vec<_>>(),
+                pending.iter().map(|j| (j.id, j.kind.clone(), j.next_attempt_at, j.attempts, j.last_error.clone())).collect::<Vec<_>>(),
+                *writes.borrow(),
+                daemon.stderr()
+            );
+        }
         killed += 1;
     }
     // Whatever is left: registered but not recorded, or not yet sent.
@@ -313,6 +333,12 @@ async fn twenty_thousand_jobs_take_effect_exactly_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jobs_take_effect_exactly_once_through_a_daemon_killed_at_random() {
     kill_campaign(450, 10).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "diagnosis"]
+async fn diagnosis_kill() {
+    kill_campaign(4_500, 100).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
