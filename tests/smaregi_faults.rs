@@ -336,12 +336,6 @@ async fn jobs_take_effect_exactly_once_through_a_daemon_killed_at_random() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "diagnosis"]
-async fn diagnosis_kill() {
-    kill_campaign(4_500, 100).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "campaign: 50,000 jobs, ~300 SIGKILLs; run with --ignored"]
 async fn fifty_thousand_jobs_take_effect_exactly_once_through_300_sigkills() {
     kill_campaign(37_500, 300).await;
