@@ -9,14 +9,13 @@
 //! durably. Five interleaved rounds of 2,000 registrations each; the
 //! median round of each side is reported.
 
-use std::sync::Arc;
 use std::time::Instant;
 
 use smaregi_relay::config::{self, CancelStrategy, Config, RateLimit};
 use smaregi_relay::outbox::engine::{EngineBuilder, Settled};
 use smaregi_relay::smaregi::client::SmaregiClient;
-use smaregi_relay::smaregi::executor::{CancelExecutor, RegisterExecutor, TransactionExecutor};
-use smaregi_relay::smaregi::jobs::{SaleJobs, CANCEL_KIND, REGISTER_KIND, UPSTREAM};
+use smaregi_relay::smaregi::executor::TransactionExecutor;
+use smaregi_relay::smaregi::jobs::{SaleJobs, UPSTREAM};
 use smaregi_relay::smaregi::jst;
 use smaregi_relay::smaregi::ledger::Ledger;
 use smaregi_relay::smaregi::sale::{Sale, SaleLine};
@@ -120,14 +119,8 @@ async fn relay_round(store: &Store, config: &Config, client: &SmaregiClient) -> 
         Ledger::open(store).unwrap(),
         CancelStrategy::default(),
     );
-    let engine = EngineBuilder::new(store, &config.outbox)
-        .unwrap()
-        .executor(
-            REGISTER_KIND,
-            UPSTREAM,
-            Arc::new(RegisterExecutor(executor.clone())),
-        )
-        .executor(CANCEL_KIND, UPSTREAM, Arc::new(CancelExecutor(executor)))
+    let engine = executor
+        .register_with(EngineBuilder::new(store, &config.outbox).unwrap())
         .build()
         .unwrap();
     let jobs = SaleJobs::open(store).unwrap();

@@ -30,8 +30,7 @@ use crate::intake::cert::{
 use crate::intake::server;
 use crate::outbox::engine::{Engine, EngineBuilder, EngineError};
 use crate::smaregi::client::{ClientError, SmaregiClient};
-use crate::smaregi::executor::{CancelExecutor, RegisterExecutor, TransactionExecutor};
-use crate::smaregi::jobs::{CANCEL_KIND, REGISTER_KIND, UPSTREAM as SMAREGI};
+use crate::smaregi::executor::TransactionExecutor;
 use crate::smaregi::ledger::Ledger;
 use crate::store::{Store, StoreError, StoreOptions};
 use crate::telemetry::{self, TelemetryError};
@@ -307,13 +306,7 @@ fn outbox_engine(store: &Store, config: &Config) -> Result<Engine, DaemonError> 
             Ledger::open(store)?,
             smaregi.cancel_strategy,
         );
-        builder = builder
-            .executor(
-                REGISTER_KIND,
-                SMAREGI,
-                Arc::new(RegisterExecutor(executor.clone())),
-            )
-            .executor(CANCEL_KIND, SMAREGI, Arc::new(CancelExecutor(executor)));
+        builder = executor.register_with(builder);
     }
     let engine = builder.build()?;
     for (upstream, pause) in engine.paused() {

@@ -10,7 +10,7 @@
 //! opt-in: `cargo test --release --test crash -- --ignored`.
 
 use std::io::{BufRead, BufReader};
-use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
@@ -108,21 +108,7 @@ fn spawn_child(directory: &Path, payload_len: usize, file_size_limit: Option<u64
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     if let Some(limit) = file_size_limit {
-        // SAFETY: only async-signal-safe calls between fork and exec.
-        unsafe {
-            command.pre_exec(move || {
-                let rlimit = libc::rlimit {
-                    rlim_cur: limit,
-                    rlim_max: limit,
-                };
-                if libc::setrlimit(libc::RLIMIT_FSIZE, &rlimit) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                // Without this the kernel kills the writer; with it, write() fails with EFBIG.
-                libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
-                Ok(())
-            });
-        }
+        common::limit_file_size(&mut command, limit);
     }
     command.spawn().unwrap()
 }

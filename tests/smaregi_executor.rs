@@ -1,15 +1,13 @@
 //! The register and cancel executors in the real engine, against the
 //! simulator: what each kind of failure does to a job.
 
-use std::sync::Arc;
-
 use smaregi_relay::config::Config;
 use smaregi_relay::outbox::engine::{Engine, EngineBuilder, Settled};
 use smaregi_relay::outbox::job::{ErrorClass, JobState, NewJob};
 use smaregi_relay::outbox::queue::{OperatorPause, Queue};
 use smaregi_relay::smaregi::client::SmaregiClient;
-use smaregi_relay::smaregi::executor::{CancelExecutor, RegisterExecutor, TransactionExecutor};
-use smaregi_relay::smaregi::jobs::{SaleJobs, CANCEL_KIND, REGISTER_KIND, UPSTREAM};
+use smaregi_relay::smaregi::executor::TransactionExecutor;
+use smaregi_relay::smaregi::jobs::{SaleJobs, REGISTER_KIND, UPSTREAM};
 use smaregi_relay::smaregi::ledger::Ledger;
 use smaregi_relay::smaregi::sale::{Sale, SaleLine};
 use smaregi_relay::store::Store;
@@ -82,14 +80,8 @@ impl Harness {
             Ledger::open(&self.store).unwrap(),
             self.config.smaregi.as_ref().unwrap().cancel_strategy,
         );
-        let engine = EngineBuilder::new(&self.store, &self.config.outbox)
-            .unwrap()
-            .executor(
-                REGISTER_KIND,
-                UPSTREAM,
-                Arc::new(RegisterExecutor(executor.clone())),
-            )
-            .executor(CANCEL_KIND, UPSTREAM, Arc::new(CancelExecutor(executor)))
+        let engine = executor
+            .register_with(EngineBuilder::new(&self.store, &self.config.outbox).unwrap())
             .build()
             .unwrap();
         let settled = engine.settled();

@@ -10,14 +10,13 @@
 //! 20,000 in-process and 50,000 through a daemon killed some 300 times.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
 
 use smaregi_relay::config::Config;
 use smaregi_relay::outbox::engine::{EngineBuilder, Settled};
 use smaregi_relay::outbox::job::JobState;
 use smaregi_relay::smaregi::client::SmaregiClient;
-use smaregi_relay::smaregi::executor::{CancelExecutor, RegisterExecutor, TransactionExecutor};
-use smaregi_relay::smaregi::jobs::{SaleJobs, CANCEL_KIND, REGISTER_KIND, UPSTREAM};
+use smaregi_relay::smaregi::executor::TransactionExecutor;
+use smaregi_relay::smaregi::jobs::SaleJobs;
 use smaregi_relay::smaregi::ledger::Ledger;
 use smaregi_relay::smaregi::sale::{Sale, SaleLine};
 use smaregi_relay::store::{Store, StoreOptions};
@@ -167,14 +166,8 @@ async fn drain(store: &Store, config: &Config, job_count: usize) {
         Ledger::open(store).unwrap(),
         smaregi.cancel_strategy,
     );
-    let engine = EngineBuilder::new(store, &config.outbox)
-        .unwrap()
-        .executor(
-            REGISTER_KIND,
-            UPSTREAM,
-            Arc::new(RegisterExecutor(executor.clone())),
-        )
-        .executor(CANCEL_KIND, UPSTREAM, Arc::new(CancelExecutor(executor)))
+    let engine = executor
+        .register_with(EngineBuilder::new(store, &config.outbox).unwrap())
         .build()
         .unwrap();
     let mut settled = engine.settled();

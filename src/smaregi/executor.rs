@@ -13,11 +13,15 @@
 
 use super::api::CallError;
 use super::client::SmaregiClient;
-use super::jobs::{CancelPayload, RegisterPayload, PAYLOAD_VERSION};
+use std::sync::Arc;
+
+use super::jobs::{
+    CancelPayload, RegisterPayload, CANCEL_KIND, PAYLOAD_VERSION, REGISTER_KIND, UPSTREAM,
+};
 use super::ledger::{Ledger, LedgerError};
 use super::sale::Sale;
 use crate::config::CancelStrategy;
-use crate::outbox::engine::{AttemptOutcome, BoxFuture, Executor};
+use crate::outbox::engine::{AttemptOutcome, BoxFuture, EngineBuilder, Executor};
 use crate::outbox::job::Job;
 
 /// Runs `smaregi.transaction-register` and `smaregi.transaction-cancel`.
@@ -58,6 +62,17 @@ fn decode<T: serde::de::DeserializeOwned>(job: &Job) -> Result<T, AttemptOutcome
 }
 
 impl TransactionExecutor {
+    /// Registers the register and cancel executors with `builder`.
+    pub fn register_with(self, builder: EngineBuilder) -> EngineBuilder {
+        builder
+            .executor(
+                REGISTER_KIND,
+                UPSTREAM,
+                Arc::new(RegisterExecutor(self.clone())),
+            )
+            .executor(CANCEL_KIND, UPSTREAM, Arc::new(CancelExecutor(self)))
+    }
+
     pub fn new(client: SmaregiClient, ledger: Ledger, cancel_strategy: CancelStrategy) -> Self {
         Self {
             client,

@@ -145,27 +145,11 @@ impl Daemon {
         envs: &[(&str, &str)],
         file_size_limit: Option<u64>,
     ) -> Self {
-        use std::os::unix::process::CommandExt;
         let notify = NotifySocket::bind(dir);
         let stderr = dir.join("daemon.stderr");
         let mut command = Command::new(relay_binary());
         if let Some(limit) = file_size_limit {
-            // SAFETY: only async-signal-safe calls between fork and exec.
-            unsafe {
-                command.pre_exec(move || {
-                    let rlimit = libc::rlimit {
-                        rlim_cur: limit,
-                        rlim_max: limit,
-                    };
-                    if libc::setrlimit(libc::RLIMIT_FSIZE, &rlimit) != 0 {
-                        return Err(io::Error::last_os_error());
-                    }
-                    // Ignored, the signal stays ignored across exec, and
-                    // write() fails with EFBIG instead of killing the process.
-                    libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
-                    Ok(())
-                });
-            }
+            limit_file_size(&mut command, limit);
         }
         let child = command
             .args(["run", "--config"])
@@ -269,6 +253,28 @@ pub fn open_raw_sled(path: &Path) -> sled::Db {
 }
 
 pub mod smaregi;
+
+/// Makes the process `command` starts unable to write files larger than
+/// `limit` bytes: such a write fails with EFBIG, as on a full disk.
+pub fn limit_file_size(command: &mut Command, limit: u64) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        command.pre_exec(move || {
+            let rlimit = libc::rlimit {
+                rlim_cur: limit,
+                rlim_max: limit,
+            };
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &rlimit) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // Ignored, the signal stays ignored across exec, and write()
+            // fails with EFBIG instead of killing the process.
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            Ok(())
+        });
+    }
+}
 
 /// A daemon that is ready, and the port its listener is bound to.
 pub struct RunningDaemon {
