@@ -587,3 +587,34 @@ async fn done_jobs_are_pruned_once_past_the_retention() {
     assert!(harness.engine.queue().job(id).unwrap().is_none());
     harness.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn index_entries_of_jobs_that_cannot_run_never_hold_the_workers() {
+    let config = OutboxConfig {
+        workers: 2,
+        ..OutboxConfig::default()
+    };
+    let mut harness = Harness::start_with(config, |builder| {
+        builder.executor("t.success", UPSTREAM, scripted(|_| AttemptOutcome::Success))
+    });
+    // Due entries for jobs that do not exist, ahead of everything else.
+    for ghost in 0..20u64 {
+        let mut key = vec![b'D'];
+        key.extend_from_slice(UPSTREAM.as_bytes());
+        key.push(0);
+        key.extend_from_slice(&smaregi_relay::store::keys::u64_pair_key(
+            0,
+            1_000_000 + ghost,
+        ));
+        harness.engine.queue().tree().insert(key, &[]).unwrap();
+    }
+    let id = harness.enqueue("t.success", "k:1").await;
+    assert_eq!(harness.settled_for(id).await, Settled::Done(id));
+    let left = harness
+        .engine
+        .queue()
+        .due(UPSTREAM, u64::MAX, usize::MAX, |_| false)
+        .unwrap();
+    assert!(left.is_empty(), "the stale entries were removed: {left:?}");
+    harness.stop().await;
+}

@@ -284,8 +284,8 @@ fn check_key_order(deliveries: &[Delivery]) -> Result<(), String> {
     Ok(())
 }
 
-/// After all the kills, the counts and the state index still say what
-/// the job records say.
+/// After all the kills, the counts, the state index and the due index
+/// still say what the job records say.
 fn check_counts_agree_with_jobs(directory: &Path, total: usize) -> Result<(), String> {
     let store = Store::open(&common::store_options(directory)).unwrap();
     let queue = Queue::open(&store).unwrap();
@@ -321,6 +321,12 @@ fn check_counts_agree_with_jobs(directory: &Path, total: usize) -> Result<(), St
         .collect();
     if indexed != pending {
         return Err(format!("state index {indexed:?}, pending jobs {pending:?}"));
+    }
+    let stale = queue.stale_due_entries().unwrap();
+    if !stale.is_empty() {
+        return Err(format!(
+            "due index entries of jobs that cannot run: {stale:?}"
+        ));
     }
     drop(queue);
     current_thread_runtime().block_on(store.close()).unwrap();

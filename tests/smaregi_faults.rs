@@ -285,8 +285,11 @@ async fn kill_campaign(orders: usize, kills: usize) {
                     ..Default::default()
                 })
                 .unwrap();
+            let open_files = std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count());
+            let stale = queue.stale_due_entries().unwrap();
             panic!(
-                "life {killed}: no progress in {:?}; daemon: {status:?}\ncounts {:?}\nparked {:?}\npending {:?}\nwrites {}\n{}",
+                "life {killed}: no progress in {:?}; daemon: {status:?}\nopen files in the test: {open_files}\n\
+                 stale due entries {stale:?}\ncounts {:?}\nparked {:?}\npending {:?}\nwrites {}\n{}",
                 common::EVENT_DEADLINE,
                 queue.counts().unwrap(),
                 parked.iter().map(|j| (j.id, j.kind.clone(), j.last_error.clone())).collect::<Vec<_>>(),

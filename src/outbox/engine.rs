@@ -462,9 +462,9 @@ impl Engine {
                     let running = lock(&inner.running);
                     inner
                         .queue
-                        .due(upstream, now, free, |id| running.contains(&id))?
+                        .due_entries(upstream, now, free, |id| running.contains(&id))?
                 };
-                for id in due {
+                for (due_at, id) in due {
                     let Ok(permit) = Arc::clone(&inner.workers).try_acquire_owned() else {
                         break;
                     };
@@ -473,8 +473,9 @@ impl Engine {
                     }
                     lock(&inner.running).insert(id);
                     let engine = self.clone();
+                    let upstream = upstream.clone();
                     attempts.spawn(async move {
-                        if let Err(e) = engine.attempt(id).await {
+                        if let Err(e) = engine.attempt(&upstream, due_at, id).await {
                             error!(job = id, error = %e, "outbox: could not record an attempt");
                         }
                         lock(&engine.inner.running).remove(&id);
@@ -525,14 +526,20 @@ impl Engine {
         }
     }
 
-    async fn attempt(&self, id: u64) -> Result<(), EngineError> {
+    async fn attempt(&self, upstream: &str, due: u64, id: u64) -> Result<(), EngineError> {
         let inner = &self.inner;
-        // Discarded by an operator since the scheduler picked it.
-        let Some(job) = inner
-            .queue
-            .job(id)?
-            .filter(|job| job.state == JobState::Pending)
-        else {
+        let runnable = |job: &Job| job.state == JobState::Pending && job.next_attempt_at == due;
+        let Some(job) = inner.queue.job(id)?.filter(runnable) else {
+            // Discarded or retried by an operator since the scheduler read
+            // the index (their transactions moved the entry already), or an
+            // entry that should not exist: it must not come round again.
+            if inner.queue.drop_stale_due(upstream, due, id)? {
+                warn!(
+                    job = id,
+                    due, "outbox: removed an index entry of a job that cannot run"
+                );
+                inner.store.commit().await?;
+            }
             return Ok(());
         };
         let Some(registered) = inner.executors.get(&job.kind) else {

@@ -315,18 +315,73 @@ impl Queue {
         limit: usize,
         running: impl Fn(u64) -> bool,
     ) -> Result<Vec<u64>, QueueError> {
-        let mut ids = Vec::new();
+        let entries = self.due_entries(upstream, now, limit, running)?;
+        Ok(entries.into_iter().map(|(_, id)| id).collect())
+    }
+
+    /// Like [`Queue::due`], with each job's due time as the index has it.
+    pub fn due_entries(
+        &self,
+        upstream: &str,
+        now: u64,
+        limit: usize,
+        running: impl Fn(u64) -> bool,
+    ) -> Result<Vec<(u64, u64)>, QueueError> {
+        let mut entries = Vec::new();
         for entry in self.tree.scan_prefix(due_prefix(upstream)) {
             let (key, _) = self.store.check(entry)?;
             let (due, id) = Self::due_entry(upstream, &key)?;
-            if due > now || ids.len() == limit {
+            if due > now || entries.len() == limit {
                 break;
             }
             if !running(id) {
-                ids.push(id);
+                entries.push((due, id));
             }
         }
-        Ok(ids)
+        Ok(entries)
+    }
+
+    /// Entries of the due index that do not point at a pending job due at
+    /// that time: (upstream, due, id). Reads the whole index: for checks
+    /// after crash campaigns, not for the daemon.
+    pub fn stale_due_entries(&self) -> Result<Vec<(String, u64, u64)>, QueueError> {
+        let mut stale = Vec::new();
+        for entry in self.tree.scan_prefix([DUE]) {
+            let (key, _) = self.store.check(entry)?;
+            let corrupt = || QueueError::Corrupt("due index key".into());
+            let separator = key.iter().position(|&b| b == 0).ok_or_else(corrupt)?;
+            let upstream = String::from_utf8_lossy(&key[1..separator]).into_owned();
+            let (due, id) = decode_u64_pair_key(&key[separator + 1..]).map_err(|_| corrupt())?;
+            let live = self
+                .job(id)?
+                .is_some_and(|job| job.state == JobState::Pending && job.next_attempt_at == due);
+            if !live {
+                stale.push((upstream, due, id));
+            }
+        }
+        Ok(stale)
+    }
+
+    /// Removes the index entry (`upstream`, `due`, `id`) unless it is the
+    /// entry of a pending job due then; returns whether it removed one.
+    /// The scheduler calls this for an entry whose job it cannot run, so
+    /// that such an entry can never hold a worker again.
+    pub fn drop_stale_due(&self, upstream: &str, due: u64, id: u64) -> Result<bool, QueueError> {
+        let removed = std::cell::Cell::new(false);
+        self.transaction(|outbox| {
+            removed.set(false);
+            let live = match outbox.get(job_record(id))? {
+                Some(bytes) => decode_job(&bytes)
+                    .map(|job| job.state == JobState::Pending && job.next_attempt_at == due)
+                    .unwrap_or(false),
+                None => false,
+            };
+            if !live {
+                removed.set(outbox.remove(due_record(upstream, due, id))?.is_some());
+            }
+            Ok(())
+        })?;
+        Ok(removed.get())
     }
 
     /// When the next job of `upstream` that is not running becomes due.
