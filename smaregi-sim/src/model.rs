@@ -105,9 +105,47 @@ pub struct Contract {
     /// storeId → productId → stock.
     pub stock: BTreeMap<String, BTreeMap<String, Stock>>,
     pub next_transaction_id: u64,
+    /// (terminalId, terminalTranId) → transaction ids, so that a look-up
+    /// by terminal transaction does not scan every transaction (Smaregi
+    /// answers those in constant time too). Derived: rebuilt by
+    /// [`Contract::reindex`] after loading.
+    #[serde(skip)]
+    by_terminal: TerminalIndex,
+}
+
+#[derive(Debug, Clone, Default)]
+struct TerminalIndex(std::collections::HashMap<(String, String), Vec<u64>>);
+
+/// Derived from the transactions, so never a difference between contracts.
+impl PartialEq for TerminalIndex {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for TerminalIndex {}
+
+impl TerminalIndex {
+    fn add(&mut self, id: u64, head: &Row) {
+        if let (Some(terminal), Some(tran)) = (head.get("terminalId"), head.get("terminalTranId")) {
+            self.0
+                .entry((terminal.clone(), tran.clone()))
+                .or_default()
+                .push(id);
+        }
+    }
 }
 
 impl Contract {
+    /// Rebuilds the derived look-up index, e.g. after loading a state file.
+    pub fn reindex(&mut self) {
+        let mut index = TerminalIndex::default();
+        for (id, transaction) in &self.transactions {
+            index.add(*id, &transaction.head);
+        }
+        self.by_terminal = index;
+    }
+
     /// Runs one call at `now` (JST seconds); the answer's JSON on success.
     pub fn call(&mut self, proc_name: &str, params: &str, now: i64) -> Result<Value, ApiError> {
         let params: Value = serde_json::from_str(params)
@@ -239,6 +277,7 @@ impl Contract {
             }
         }
         let detail_count = details.len();
+        self.by_terminal.add(id, &head);
         self.transactions.insert(id, Transaction { head, details });
         Ok(json!({
             "result": {
@@ -499,7 +538,7 @@ impl Contract {
                 "conditions は必須です (required)".to_owned()
             ]));
         }
-        let rows = self.transactions.values().flat_map(|transaction| {
+        let rows = self.candidates(&query).flat_map(|transaction| {
             let matched = query.matches(&transaction.head);
             let rows: Vec<&Row> = match (matched, detail) {
                 (false, _) => Vec::new(),
@@ -509,6 +548,29 @@ impl Contract {
             rows
         });
         Ok(query.page(rows))
+    }
+
+    /// The transactions a query can match, in id order: through the index
+    /// when every condition group names a terminal transaction exactly.
+    fn candidates<'a>(&'a self, query: &Query) -> Box<dyn Iterator<Item = &'a Transaction> + 'a> {
+        let mut ids = BTreeSet::new();
+        for group in &query.conditions {
+            let exact = |field: &str| {
+                group
+                    .iter()
+                    .find(|c| c.field == field && c.operator == Operator::Eq)
+                    .map(|c| c.value.clone())
+            };
+            match (exact("terminalId"), exact("terminalTranId")) {
+                (Some(terminal), Some(tran)) => {
+                    if let Some(found) = self.by_terminal.0.get(&(terminal, tran)) {
+                        ids.extend(found);
+                    }
+                }
+                _ => return Box::new(self.transactions.values()),
+            }
+        }
+        Box::new(ids.into_iter().filter_map(|id| self.transactions.get(&id)))
     }
 
     fn stock_ref(&self, params: &Map<String, Value>) -> Result<Value, ApiError> {
@@ -1100,6 +1162,15 @@ mod tests {
         )
         .unwrap();
         let saved = serde_json::to_string(&contract).unwrap();
-        assert_eq!(serde_json::from_str::<Contract>(&saved).unwrap(), contract);
+        let mut loaded = serde_json::from_str::<Contract>(&saved).unwrap();
+        assert_eq!(loaded, contract);
+        loaded.reindex();
+        let conditions = json!([{"terminalId": "9", "terminalTranId": "A1",
+            "transactionHeadId >=": "1", "transactionHeadId <=": "10"}]);
+        assert_eq!(
+            find(&mut loaded, conditions, 1, 10).unwrap()["total_count"],
+            "1",
+            "found through the rebuilt index"
+        );
     }
 }

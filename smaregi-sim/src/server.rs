@@ -250,7 +250,10 @@ fn load_state(path: &Path) -> Result<Contract, SimError> {
         message,
     };
     let bytes = std::fs::read(path).map_err(|e| state_error(e.to_string()))?;
-    serde_json::from_slice(&bytes).map_err(|e| state_error(e.to_string()))
+    let mut contract: Contract =
+        serde_json::from_slice(&bytes).map_err(|e| state_error(e.to_string()))?;
+    contract.reindex();
+    Ok(contract)
 }
 
 fn save_state(path: &Path, contract: &Contract) -> io::Result<()> {
