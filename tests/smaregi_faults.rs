@@ -171,10 +171,11 @@ async fn drain(store: &Store, config: &Config, job_count: usize) {
         .build()
         .unwrap();
     let mut settled = engine.settled();
+    // Jobs a killed daemon already finished; read before the engine runs,
+    // so that no job is counted here and again by its event.
+    let mut done = engine.status().unwrap().total(JobState::Done) as usize;
     let shutdown = CancellationToken::new();
     let running = tokio::spawn(engine.clone().run(shutdown.clone()));
-    // Jobs a killed daemon already finished.
-    let mut done = engine.status().unwrap().total(JobState::Done) as usize;
     let deadline = std::time::Duration::from_secs(600 + job_count as u64 / 20);
     tokio::time::timeout(deadline, async {
         while done < job_count {
