@@ -408,31 +408,14 @@ impl Handler {
         let notification = form::read_notification(&fields).map_err(malformed)?;
         let kind = notification.proc_name.as_str();
         let dedup_key = inbox::content_key(kind, &notification.params);
-        let offer = Offer {
+        self.store(Offer {
             route: Route::Notify,
             kind,
             dedup_key: &dedup_key,
             body: &body,
             now: unix_millis(std::time::SystemTime::now()),
             window: self.dedup_window_ms,
-        };
-        let accepted = self.inbox.accept(offer).map_err(|e| {
-            warn!(error = %e, "intake: cannot store a notification");
-            Refusal::Unavailable
-        })?;
-        self.store.commit().await.map_err(|e| {
-            warn!(error = %e, "intake: cannot commit a notification");
-            Refusal::Unavailable
-        })?;
-        match accepted {
-            Accepted::New(seq) => {
-                info!(seq, kind, bytes = body.len(), "intake: notification stored")
-            }
-            Accepted::Duplicate(seq) => info!(
-                seq,
-                kind, "intake: resent notification answered, not stored again"
-            ),
-        }
-        Ok(())
+        })
+        .await
     }
 }
