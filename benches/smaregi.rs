@@ -51,6 +51,9 @@ fn sale(terminal_tran_id: String) -> Sale {
         customer_id: None,
         memo: None,
         dispose_of: None,
+        tax_include: 0,
+        sum_division: 2,
+        payment: None,
     }
 }
 

@@ -18,6 +18,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use secrecy::SecretString;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -28,6 +29,7 @@ use crate::intake::cert::{
     self, CertError, CertificateFiles, CertificateResolver, Reload, Reloader,
 };
 use crate::intake::server;
+use crate::orders::{self, build::BuildSettings, IdentityCatalog, OrderApi, OrderBook};
 use crate::outbox::engine::{Engine, EngineBuilder, EngineError};
 use crate::smaregi::client::{ClientError, SmaregiClient};
 use crate::smaregi::executor::TransactionExecutor;
@@ -124,7 +126,8 @@ async fn serve(loaded: LoadedConfig) -> Result<(), DaemonError> {
     let tasks = TaskTracker::new();
     let started = async {
         let engine = outbox_engine(&store, &config)?;
-        let listener = intake_listener(&store, &config).await?;
+        let orders = order_api(&engine, &config)?;
+        let listener = intake_listener(&store, &config, orders).await?;
         Ok::<_, DaemonError>((engine, listener))
     };
     let (engine, (listener, reloader)) = match started.await {
@@ -199,6 +202,7 @@ async fn serve(loaded: LoadedConfig) -> Result<(), DaemonError> {
 async fn intake_listener(
     store: &Store,
     config: &Config,
+    orders: Option<Arc<OrderApi>>,
 ) -> Result<(server::Listener, Reloader), DaemonError> {
     let files = CertificateFiles::new(
         config.listener.tls_certificate.as_deref(),
@@ -220,12 +224,19 @@ async fn intake_listener(
     let resolver = Arc::new(CertificateResolver::new(certificate));
     let tls = cert::server_config(Arc::clone(&resolver));
     let contract_id = config.smaregi.as_ref().map(|s| s.contract_id.as_str());
-    let listener = server::bind(&config.listener, &config.intake, contract_id, tls, store)
-        .await
-        .map_err(|source| DaemonError::Listen {
-            address: config.listener.address,
-            source,
-        })?;
+    let listener = server::bind(
+        &config.listener,
+        &config.intake,
+        contract_id,
+        tls,
+        store,
+        orders,
+    )
+    .await
+    .map_err(|source| DaemonError::Listen {
+        address: config.listener.address,
+        source,
+    })?;
     Ok((listener, Reloader::new(files, resolver)))
 }
 
@@ -313,6 +324,22 @@ fn outbox_engine(store: &Store, config: &Config) -> Result<Engine, DaemonError> 
         warn!(upstream, reason = %pause.reason, "outbox: upstream paused by an operator; `resume` delivers again");
     }
     Ok(engine)
+}
+
+/// The order API, if `[orders] api-token` turns it on (config validation
+/// makes sure `[smaregi]` is there too).
+fn order_api(engine: &Engine, config: &Config) -> Result<Option<Arc<OrderApi>>, DaemonError> {
+    let (Some(token), Some(smaregi)) = (&config.orders.api_token, &config.smaregi) else {
+        return Ok(None);
+    };
+    let settings = BuildSettings::from_config(&config.orders, &smaregi.terminal_id);
+    let book = OrderBook::open(engine, settings, Arc::new(IdentityCatalog))?;
+    info!(path = orders::api::PATH_PREFIX, "order API enabled");
+    Ok(Some(Arc::new(OrderApi::new(
+        book,
+        SecretString::from(token.expose().to_owned()),
+        config.orders.max_body_bytes,
+    ))))
 }
 
 /// Leaks a store that failed, so that sled's destructors never run on it:

@@ -14,6 +14,7 @@
 //! | [`store`] | the sled database: trees, key encodings, schema version, the group-committed durable commit |
 //! | [`intake`] | the TLS listener: Smaregi's notifications, stored durably before they are answered |
 //! | [`outbox`] | the calls we owe: job model, durable per-key queue, retry policy, the engine that runs jobs, operator operations |
+//! | [`orders`] | the order API, order ledger and order → transaction building; edits as cancel then register |
 //! | [`smaregi`] | Smaregi's legacy API: client, error classes, exactly-once 取引登録/取引取消 executors |
 //! | [`tls`] | rustls client configuration for outgoing calls |
 //! | [`telemetry`] | tracing set-up: journald under systemd, human-readable stderr otherwise |
@@ -26,6 +27,7 @@ pub mod config;
 pub mod daemon;
 pub mod exit;
 pub mod intake;
+pub mod orders;
 pub mod outbox;
 pub mod smaregi;
 pub mod store;

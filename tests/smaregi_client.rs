@@ -34,6 +34,9 @@ fn sale(terminal_tran_id: &str) -> Sale {
         customer_id: None,
         memo: None,
         dispose_of: None,
+        tax_include: 0,
+        sum_division: 2,
+        payment: None,
     }
 }
 

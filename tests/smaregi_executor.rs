@@ -39,6 +39,9 @@ fn sale() -> Sale {
         customer_id: None,
         memo: None,
         dispose_of: None,
+        tax_include: 0,
+        sum_division: 2,
+        payment: None,
     }
 }
 

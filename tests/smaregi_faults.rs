@@ -70,6 +70,9 @@ fn template(order: usize) -> Sale {
         customer_id: None,
         memo: Some(format!("EC order {order}")),
         dispose_of: None,
+        tax_include: 0,
+        sum_division: 2,
+        payment: None,
     }
 }
 

@@ -27,7 +27,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use serde::de::{DeserializeOwned, IntoDeserializer};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use toml::de::{DeTable, DeValue};
 
 pub use diagnostic::{Diagnostic, Diagnostics, Severity};
@@ -71,6 +71,9 @@ pub mod defaults {
     pub const SMAREGI_REQUEST_TIMEOUT_SECONDS: u64 = 30;
     /// How far around a transaction's own time a look-up searches.
     pub const SMAREGI_LOOKUP_WINDOW_HOURS: u64 = 24;
+    /// 集計区分 of order transactions.
+    pub const ORDERS_SUM_DIVISION: u8 = 2;
+    pub const ORDERS_MAX_BODY_BYTES: u64 = 1024 * 1024;
     pub const MAPPING_FALLBACK: super::MappingFallback = super::MappingFallback::Identity;
     pub const OUTBOX_WORKERS: u16 = 4;
     pub const OUTBOX_MAX_AGE_HOURS: u64 = 72;
@@ -391,14 +394,106 @@ pub struct StockConfig {
     pub stores: Vec<String>,
 }
 
-/// `[orders]`: the order API for the store's EC side.
-#[derive(Debug, Clone, Default, Deserialize)]
+/// `[orders]`: the order API for the store's EC side, and how an order
+/// becomes a Smaregi transaction.
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
 pub struct OrdersConfig {
     /// Bearer token the EC side presents; the order API is off without it.
     pub api_token: Option<Secret>,
     /// 店舗ID used for orders that name none.
     pub default_store_id: Option<String>,
+    /// The 端末ID orders are registered under; `[smaregi] terminal-id` if unset.
+    pub terminal_id: Option<String>,
+    pub tax_mode: TaxMode,
+    pub tax_rounding: TaxRounding,
+    /// What happens to an order with a line the mapping does not know.
+    pub unmapped: UnmappedPolicy,
+    /// The 商品ID unmapped lines are registered as with `unmapped = "dummy-product"`.
+    pub dummy_product_id: Option<String>,
+    pub discount: DiscountMode,
+    /// The order's `payment_method` name → how Smaregi records the payment.
+    pub payment_methods: BTreeMap<String, PaymentKind>,
+    /// Smaregi's `sumDivision` (集計区分) for order transactions.
+    pub sum_division: u8,
+    /// The largest order body accepted.
+    pub max_body_bytes: u64,
+}
+
+impl Default for OrdersConfig {
+    fn default() -> Self {
+        Self {
+            api_token: None,
+            default_store_id: None,
+            terminal_id: None,
+            tax_mode: TaxMode::default(),
+            tax_rounding: TaxRounding::default(),
+            unmapped: UnmappedPolicy::default(),
+            dummy_product_id: None,
+            discount: DiscountMode::default(),
+            payment_methods: BTreeMap::new(),
+            sum_division: defaults::ORDERS_SUM_DIVISION,
+            max_body_bytes: defaults::ORDERS_MAX_BODY_BYTES,
+        }
+    }
+}
+
+/// Whether order prices include consumption tax.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TaxMode {
+    /// 内税: prices include tax; the tax is recorded as `taxInclude`.
+    #[default]
+    Inclusive,
+    /// 外税: tax is added on top, as `taxExclude`.
+    Exclusive,
+}
+
+/// How tax yen fractions are rounded (Smaregi's 税丸め).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TaxRounding {
+    /// 切り捨て, Smaregi's default.
+    #[default]
+    Down,
+    /// 四捨五入.
+    Nearest,
+    /// 切り上げ.
+    Up,
+}
+
+/// What an order line whose product the mapping does not know becomes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum UnmappedPolicy {
+    /// The order is accepted and waits; a new mapping version releases it.
+    #[default]
+    Hold,
+    /// The line is registered as `dummy-product-id`.
+    DummyProduct,
+    /// The order is refused (422).
+    Reject,
+}
+
+/// How an order's discount is recorded.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DiscountMode {
+    /// As the transaction's 小計値引き (`subtotalDiscountPrice`).
+    #[default]
+    Subtotal,
+    /// As a line of its own with a negative price.
+    AdjustmentLine,
+}
+
+/// How Smaregi records a payment method.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PaymentKind {
+    /// `depositCash` (現金, also 代引き and 振込 in most shops' books).
+    Cash,
+    /// `depositCredit` (クレジット).
+    Credit,
 }
 
 /// `[admin]`: the operator surface.
@@ -581,6 +676,23 @@ fn parse_checked(path: &Path, text: &str, env: &SecretEnvironment) -> Result<Par
             None,
             "missing section `[intake]`: it must set `secret`, the shared secret Smaregi sends \
              with every notification",
+        ));
+    }
+    let orders_api_on = sections
+        .orders
+        .as_ref()
+        .is_some_and(|orders| orders.api_token.is_some());
+    if orders_api_on && !root.contains_key("smaregi") {
+        let span = root
+            .get("orders")
+            .and_then(|orders| orders.get_ref().as_table())
+            .and_then(|table| table.get_key_value("api-token"))
+            .map(|(key, _)| key.span());
+        checker.errors.push(source.diagnostic(
+            Severity::Error,
+            span,
+            "the order API (`[orders] api-token`) needs a `[smaregi]` section: orders are \
+             registered in Smaregi",
         ));
     }
     let SectionChecker {

@@ -7,7 +7,7 @@ use std::net::IpAddr;
 
 use super::{
     AdminConfig, DaemonConfig, IntakeConfig, ListenerConfig, LoggingConfig, MappingConfig,
-    OrdersConfig, OutboxConfig, SmaregiConfig, StockConfig, StorageConfig,
+    OrdersConfig, OutboxConfig, SmaregiConfig, StockConfig, StorageConfig, UnmappedPolicy,
 };
 
 /// Shorter shared secrets are refused: they can be guessed.
@@ -340,6 +340,42 @@ impl Validate for OrdersConfig {
                 format!("`{store}` is not a store id (店舗ID): use 1 to 9 digits"),
             );
         }
+        if let Some(terminal) = &self.terminal_id {
+            check(
+                problems,
+                is_terminal_id(terminal),
+                &["orders", "terminal-id"],
+                format!("`{terminal}` is not a terminal id (端末ID): use 1 to 9 digits, not starting with 0"),
+            );
+        }
+        match (&self.unmapped, &self.dummy_product_id) {
+            (UnmappedPolicy::DummyProduct, None) => problems.push(problem(
+                &["orders", "unmapped"],
+                "`dummy-product` needs `dummy-product-id`, the 商品ID unmapped lines are registered as",
+            )),
+            (_, Some(id)) => check(
+                problems,
+                (1..=15).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_digit()),
+                &["orders", "dummy-product-id"],
+                format!("`{id}` is not a product id (商品ID): use 1 to 15 digits"),
+            ),
+            _ => {}
+        }
+        check(
+            problems,
+            matches!(self.sum_division, 1 | 2),
+            &["orders", "sum-division"],
+            format!("{} is not a sumDivision: use 1 or 2", self.sum_division),
+        );
+        check(
+            problems,
+            (1024..=16 * 1024 * 1024).contains(&self.max_body_bytes),
+            &["orders", "max-body-bytes"],
+            format!(
+                "{} is out of range: use 1024 to 16777216",
+                self.max_body_bytes
+            ),
+        );
     }
 }
 

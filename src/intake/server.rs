@@ -29,6 +29,7 @@ use tracing::{debug, info, warn};
 use super::form::{self, FormError};
 use super::inbox::{self, Accepted, Inbox, Offer, Route};
 use crate::config::{IntakeConfig, ListenerConfig};
+use crate::orders::OrderApi;
 use crate::outbox::retry::unix_millis;
 use crate::store::Store;
 
@@ -129,6 +130,8 @@ struct Handler {
     max_body_bytes: u64,
     body_timeout: Duration,
     dedup_window_ms: u64,
+    /// The order API, when `[orders]` turns it on.
+    orders: Option<Arc<OrderApi>>,
 }
 
 /// The bound listener, before it serves.
@@ -154,6 +157,7 @@ pub async fn bind(
     contract_id: Option<&str>,
     tls: rustls::ServerConfig,
     store: &Store,
+    orders: Option<Arc<OrderApi>>,
 ) -> std::io::Result<Listener> {
     let tcp = TcpListener::bind(listener.address).await?;
     let handler = Handler {
@@ -167,6 +171,7 @@ pub async fn bind(
         max_body_bytes: intake.max_body_bytes,
         body_timeout: Duration::from_secs(listener.body_timeout_seconds),
         dedup_window_ms: intake.dedup_window_seconds * 1000,
+        orders,
     };
     Ok(Listener {
         tcp,
@@ -252,9 +257,39 @@ pub async fn serve(listener: Listener, shutdown: CancellationToken) {
     info!("intake: stopped");
 }
 
+/// Reads a request's body: at most `max_bytes`, within `timeout`.
+pub(crate) async fn read_body(
+    request: Request<Incoming>,
+    max_bytes: u64,
+    timeout: Duration,
+) -> Result<Bytes, Refusal> {
+    let declared = request
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse::<u64>().ok());
+    if declared.is_some_and(|length| length > max_bytes) {
+        return Err(Refusal::TooLarge(max_bytes));
+    }
+    let limited = Limited::new(request.into_body(), max_bytes as usize);
+    match tokio::time::timeout(timeout, limited.collect()).await {
+        Err(_) => Err(Refusal::BodyTimeout),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+            Err(Refusal::TooLarge(max_bytes))
+        }
+        Ok(Err(e)) => Err(Refusal::Malformed(format!(
+            "the body could not be read: {e}"
+        ))),
+        Ok(Ok(body)) => Ok(body.to_bytes()),
+    }
+}
+
 impl Handler {
     async fn handle(&self, request: Request<Incoming>) -> Response<Body> {
         let path = request.uri().path();
+        if let Some(orders) = self.orders.as_ref().filter(|_| OrderApi::serves(path)) {
+            return orders.handle(request, self.body_timeout).await;
+        }
         let route = if path == self.notify_path {
             Route::Notify
         } else if path == self.webhook_path {
@@ -278,25 +313,7 @@ impl Handler {
     }
 
     async fn read_body(&self, request: Request<Incoming>) -> Result<Bytes, Refusal> {
-        let declared = request
-            .headers()
-            .get(CONTENT_LENGTH)
-            .and_then(|value| value.to_str().ok())
-            .and_then(|value| value.parse::<u64>().ok());
-        if declared.is_some_and(|length| length > self.max_body_bytes) {
-            return Err(Refusal::TooLarge(self.max_body_bytes));
-        }
-        let limited = Limited::new(request.into_body(), self.max_body_bytes as usize);
-        match tokio::time::timeout(self.body_timeout, limited.collect()).await {
-            Err(_) => Err(Refusal::BodyTimeout),
-            Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
-                Err(Refusal::TooLarge(self.max_body_bytes))
-            }
-            Ok(Err(e)) => Err(Refusal::Malformed(format!(
-                "the body could not be read: {e}"
-            ))),
-            Ok(Ok(body)) => Ok(body.to_bytes()),
-        }
+        read_body(request, self.max_body_bytes, self.body_timeout).await
     }
 
     /// Checks the shared secret, from the form or the query string.

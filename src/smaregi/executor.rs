@@ -14,6 +14,7 @@
 use super::api::CallError;
 use super::client::SmaregiClient;
 use std::sync::Arc;
+use tracing::info;
 
 use super::jobs::{
     CancelPayload, RegisterPayload, CANCEL_KIND, PAYLOAD_VERSION, REGISTER_KIND, UPSTREAM,
@@ -121,6 +122,68 @@ impl TransactionExecutor {
     }
 }
 
+impl TransactionExecutor {
+    /// The original of a cancel whose registration was never recorded.
+    ///
+    /// A cancel shares its register's ordering key, so it runs only once
+    /// the register job has finished; a register job that finished without
+    /// recording its id was discarded by an operator. If its send never
+    /// started, nothing reached Smaregi. If it did, the original is looked
+    /// up: a sale found must be cancelled, never left standing.
+    async fn unrecorded_original(
+        &self,
+        payload: &CancelPayload,
+    ) -> Result<Option<u64>, AttemptOutcome> {
+        let terminal = &payload.reversal.terminal_id;
+        let original = &payload.original_terminal_tran_id;
+        if !self
+            .ledger
+            .send_started(terminal, original)
+            .map_err(store_failed)?
+        {
+            return Ok(None);
+        }
+        let Some(at) = &payload.original_terminal_tran_date_time else {
+            return Err(AttemptOutcome::Permanent {
+                reason: format!(
+                    "transaction {original} of terminal {terminal} may have been registered, but \
+                     this job was created without its time, so it cannot be looked up; check \
+                     Smaregi's 取引履歴 and cancel it there if it exists, then discard this job"
+                ),
+            });
+        };
+        let probe = Sale {
+            terminal_tran_id: original.clone(),
+            terminal_tran_date_time: at.clone(),
+            ..payload.reversal.clone()
+        };
+        match self.client.find_registered(&probe).await {
+            Ok(Some(id)) => {
+                self.ledger
+                    .record_registered(terminal, original, id)
+                    .await
+                    .map_err(store_failed)?;
+                Ok(Some(id))
+            }
+            Ok(None) => Ok(None),
+            Err(e) => Err(lookup_failed(&e)),
+        }
+    }
+
+    /// Cancels the registered original: sets its 取消 flag (harmless
+    /// twice, so no look-up), or registers the reversal exactly once.
+    async fn cancel_found(&self, mut reversal: Sale, original_id: u64) -> AttemptOutcome {
+        if self.cancel_strategy == CancelStrategy::CancelFlag {
+            return match self.client.cancel_flag(original_id).await {
+                Ok(()) => AttemptOutcome::Success,
+                Err(e) => e.outcome(false),
+            };
+        }
+        reversal.dispose_of = Some(original_id);
+        self.deliver(&reversal).await
+    }
+}
+
 /// A failed look-up: nothing was written, so it is never ambiguous.
 fn lookup_failed(error: &CallError) -> AttemptOutcome {
     match error.outcome(false) {
@@ -153,32 +216,25 @@ impl Executor for CancelExecutor {
                 Ok(payload) => payload,
                 Err(outcome) => return outcome,
             };
-            let mut reversal = payload.reversal;
-            let original = self
-                .0
-                .ledger
-                .registered(&reversal.terminal_id, &payload.original_terminal_tran_id);
-            match original {
-                Ok(Some(id)) if self.0.cancel_strategy == CancelStrategy::CancelFlag => {
-                    // Setting the flag twice is harmless: no look-up needed.
-                    return match self.0.client.cancel_flag(id).await {
-                        Ok(()) => AttemptOutcome::Success,
-                        Err(e) => e.outcome(false),
-                    };
-                }
-                Ok(Some(id)) => reversal.dispose_of = Some(id),
-                Ok(None) => {
-                    return AttemptOutcome::Permanent {
-                        reason: format!(
-                            "transaction {} of terminal {} was never registered in Smaregi, so there \
-                             is nothing to cancel; discard this job if its registration was discarded",
-                            payload.original_terminal_tran_id, reversal.terminal_id
-                        ),
+            let terminal = &payload.reversal.terminal_id;
+            let original = &payload.original_terminal_tran_id;
+            let original_id = match self.0.ledger.registered(terminal, original) {
+                Ok(Some(id)) => id,
+                Ok(None) => match self.0.unrecorded_original(&payload).await {
+                    Ok(Some(id)) => id,
+                    Ok(None) => {
+                        info!(
+                            %terminal,
+                            terminal_tran_id = %original,
+                            "outbox: the transaction to cancel never reached Smaregi; nothing to cancel"
+                        );
+                        return AttemptOutcome::Success;
                     }
-                }
+                    Err(outcome) => return outcome,
+                },
                 Err(e) => return store_failed(e),
-            }
-            self.0.deliver(&reversal).await
+            };
+            self.0.cancel_found(payload.reversal, original_id).await
         })
     }
 }

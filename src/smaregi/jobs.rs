@@ -36,6 +36,10 @@ pub struct RegisterPayload {
 pub struct CancelPayload {
     pub v: u32,
     pub original_terminal_tran_id: String,
+    /// Lets the executor look the original up when no registration was
+    /// recorded for it (its job was discarded after a send started).
+    #[serde(default)]
+    pub original_terminal_tran_date_time: Option<String>,
     pub reversal: Sale,
 }
 
@@ -104,6 +108,7 @@ pub fn stage_cancel(
     let payload = CancelPayload {
         v: PAYLOAD_VERSION,
         original_terminal_tran_id: original.terminal_tran_id.clone(),
+        original_terminal_tran_date_time: Some(original.terminal_tran_date_time.clone()),
         reversal: reversal.clone(),
     };
     let job = new_job(CANCEL_KIND, key, &payload);

@@ -5,6 +5,8 @@
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
+use crate::config::PaymentKind;
+
 /// One line (明細) of a sale.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
@@ -62,6 +64,27 @@ pub struct Sale {
     /// when it is sent.
     #[serde(default)]
     pub dispose_of: Option<u64>,
+    /// Tax contained in the prices (内税), in yen: recorded, not added.
+    #[serde(default)]
+    pub tax_include: i64,
+    /// 集計区分.
+    #[serde(default = "default_sum_division")]
+    pub sum_division: u8,
+    /// How it was paid; `None` records no payment.
+    #[serde(default)]
+    pub payment: Option<SalePayment>,
+}
+
+fn default_sum_division() -> u8 {
+    2
+}
+
+/// A payment (預り) of `amount` yen.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct SalePayment {
+    pub kind: PaymentKind,
+    pub amount: i64,
 }
 
 impl Sale {
@@ -92,6 +115,11 @@ impl Sale {
                 .collect(),
             discount: -self.discount,
             tax_exclude: -self.tax_exclude,
+            tax_include: -self.tax_include,
+            payment: self.payment.as_ref().map(|payment| SalePayment {
+                amount: -payment.amount,
+                ..payment.clone()
+            }),
             carriage: -self.carriage,
             commission: -self.commission,
             memo: Some(format!("打消 of {} (cancelled)", self.terminal_tran_id)),
@@ -114,7 +142,7 @@ impl Sale {
         put("terminalId", self.terminal_id.clone());
         put("terminalTranId", self.terminal_tran_id.clone());
         put("terminalTranDateTime", self.terminal_tran_date_time.clone());
-        put("sumDivision", "2".into());
+        put("sumDivision", self.sum_division.to_string());
         put(
             "sumDate",
             self.terminal_tran_date_time.chars().take(10).collect(),
@@ -122,12 +150,22 @@ impl Sale {
         for (key, amount) in [
             ("subtotalDiscountPrice", self.discount),
             ("taxExclude", self.tax_exclude),
+            ("taxInclude", self.tax_include),
             ("carriage", self.carriage),
             ("commission", self.commission),
         ] {
             if amount != 0 {
                 put(key, amount.to_string());
             }
+        }
+        if let Some(payment) = &self.payment {
+            let field = match payment.kind {
+                PaymentKind::Cash => "depositCash",
+                PaymentKind::Credit => "depositCredit",
+            };
+            put("deposit", payment.amount.to_string());
+            put(field, payment.amount.to_string());
+            put("change", "0".into());
         }
         if let Some(customer) = &self.customer_id {
             put("customerId", customer.clone());
@@ -213,6 +251,9 @@ mod tests {
             customer_id: None,
             memo: Some("EC order A-1".into()),
             dispose_of: None,
+            tax_include: 0,
+            sum_division: 2,
+            payment: None,
         }
     }
 
