@@ -239,13 +239,26 @@ async fn a_credentials_error_pauses_smaregi_without_charging_the_job() {
 }
 
 #[tokio::test]
-async fn a_cancel_without_a_registration_parks_and_an_unknown_payload_too() {
+async fn a_cancel_whose_registration_was_discarded_cancels_only_what_smaregi_has() {
     let mut h = Harness::new(simulator().await).await;
-    let (register, sale) = h.jobs.register("order:1", &sale()).await.unwrap();
-    let (cancel, _) = h.jobs.cancel("order:1", &sale).await.unwrap();
-    // Paused from the start (an operator's pause is stored), so nothing runs yet.
+    // Order 1's registration is discarded before it was ever sent.
+    let (never_sent, first) = h.jobs.register("order:1", &sale()).await.unwrap();
+    let (first_cancel, _) = h.jobs.cancel("order:1", &first).await.unwrap();
+    // Order 2's reached Smaregi, but its outcome was never recorded (the
+    // answer was lost), and then it was discarded.
+    let (lost, second) = h.jobs.register("order:2", &sale()).await.unwrap();
+    let (second_cancel, _) = h.jobs.cancel("order:2", &second).await.unwrap();
+    let ledger = Ledger::open(&h.store).unwrap();
+    ledger
+        .record_send_started(TERMINAL, &second.terminal_tran_id)
+        .await
+        .unwrap();
+    let client = SmaregiClient::new(h.config.smaregi.as_ref().unwrap()).unwrap();
+    let registered = client.register(&second).await.unwrap();
+    // Paused from the start (an operator's pause is stored), so nothing
+    // runs before the discards.
     let pause = OperatorPause {
-        reason: "hold while the registration is discarded".into(),
+        reason: "hold while the registrations are discarded".into(),
         at: 0,
     };
     Queue::open(&h.store)
@@ -253,10 +266,37 @@ async fn a_cancel_without_a_registration_parks_and_an_unknown_payload_too() {
         .set_operator_pause(UPSTREAM, Some(&pause))
         .unwrap();
     let engine = h.start();
-    engine
-        .discard(register, "test: never registered")
-        .await
-        .unwrap();
+    for job in [never_sent, lost] {
+        engine.discard(job, "test: discarded").await.unwrap();
+    }
+    engine.resume(UPSTREAM).await.unwrap();
+    assert_eq!(h.outcome(first_cancel).await, Settled::Done(first_cancel));
+    assert_eq!(h.outcome(second_cancel).await, Settled::Done(second_cancel));
+
+    // Nothing of order 1 in Smaregi; order 2 registered and reversed once.
+    let contract = h.sim.contract();
+    assert_eq!(
+        contract.transactions.len(),
+        2,
+        "{:?}",
+        contract.transactions
+    );
+    let reversal = contract
+        .transactions
+        .values()
+        .find(|t| t.field("disposeDivision") == Some("2"))
+        .expect("a reversal");
+    assert_eq!(
+        reversal.field("disposeServerTransactionHeadId"),
+        Some(registered.to_string().as_str())
+    );
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_payload_of_an_unknown_version_parks() {
+    let mut h = Harness::new(simulator().await).await;
+    let engine = h.start();
     let future = NewJob {
         kind: REGISTER_KIND.into(),
         upstream: UPSTREAM.into(),
@@ -264,23 +304,6 @@ async fn a_cancel_without_a_registration_parks_and_an_unknown_payload_too() {
         payload: serde_json::json!({"v": 2, "sale": {}}),
     };
     let undecodable = engine.enqueue(&future).await.unwrap();
-    engine.resume(UPSTREAM).await.unwrap();
-    assert_eq!(
-        h.outcome(cancel).await,
-        Settled::Parked(cancel, ErrorClass::Permanent)
-    );
-    let error = engine
-        .queue()
-        .job(cancel)
-        .unwrap()
-        .unwrap()
-        .last_error
-        .unwrap();
-    assert!(
-        error.message.contains("nothing to cancel"),
-        "{}",
-        error.message
-    );
     assert_eq!(
         h.outcome(undecodable).await,
         Settled::Parked(undecodable, ErrorClass::Undecodable)

@@ -93,7 +93,6 @@ pub struct OrderRecord {
     /// The latest revision accepted.
     pub order: Order,
     pub digest: String,
-    #[serde(flatten)]
     pub status: OrderStatus,
     /// The transaction that stands in Smaregi for the order, as staged
     /// (registered, or on its way): what an edit or cancel must reverse.

@@ -252,6 +252,7 @@ pub fn open_raw_sled(path: &Path) -> sled::Db {
         .unwrap()
 }
 
+pub mod orders;
 pub mod smaregi;
 
 /// Makes the process `command` starts unable to write files larger than
