@@ -104,6 +104,46 @@ fn every_documented_key_of_the_example_is_accepted_when_uncommented() {
         Some(temp.path().join("proxy-ca.pem").as_path())
     );
     assert_eq!(loaded.config.stock.stores, ["1", "2"]);
+    assert_eq!(
+        loaded.config.orders.payment_methods.get("credit-card"),
+        Some(&config::PaymentKind::Credit)
+    );
+}
+
+#[test]
+fn order_settings_that_cannot_work_are_errors_at_their_keys() {
+    let temp = tempfile::tempdir().unwrap();
+    write_file(
+        temp.path(),
+        "orders-token",
+        "orders-0123456789abcdef",
+        0o600,
+    );
+    let path = write_config(
+        temp.path(),
+        "[orders]\napi-token = { file = \"orders-token\" }\nunmapped = \"dummy-product\"\n\
+         sum-division = 7\n[orders.payment-methods]\ncard = \"cheque\"\n",
+    );
+    let errors = errors_of(config::load(&path));
+    // The payment method's type error stops the section; fix it and look again.
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(errors[0].contains("cheque"), "{errors:?}");
+    let path = write_config(
+        temp.path(),
+        "[orders]\napi-token = { file = \"orders-token\" }\nunmapped = \"dummy-product\"\n\
+         sum-division = 7\n",
+    );
+    let errors = errors_of(config::load(&path));
+    assert_eq!(errors.len(), 3, "{errors:?}");
+    assert!(errors[0].contains(":8:1: the order API"), "{errors:?}");
+    assert!(
+        errors[1].contains(":9:") && errors[1].contains("dummy-product-id"),
+        "{errors:?}"
+    );
+    assert!(
+        errors[2].contains(":10:") && errors[2].contains("sumDivision"),
+        "{errors:?}"
+    );
 }
 
 /// `key = value` with a kebab-case key at the start of the line.

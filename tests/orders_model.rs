@@ -31,8 +31,14 @@ use common::smaregi::{simulator, TERMINAL};
 enum Op {
     /// A revision `delta` away from the order's current one (or 1 for a
     /// new order), with content `variant`.
-    Put { order: u8, delta: i8, variant: u8 },
-    Cancel { order: u8 },
+    Put {
+        order: u8,
+        delta: i8,
+        variant: u8,
+    },
+    Cancel {
+        order: u8,
+    },
     Faults(u8),
     Restart,
 }
@@ -145,11 +151,18 @@ impl Relay {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
         loop {
             let status = self.engine.status().unwrap();
-            assert_eq!(status.total(JobState::Parked), 0, "a job parked: {status:?}");
+            assert_eq!(
+                status.total(JobState::Parked),
+                0,
+                "a job parked: {status:?}"
+            );
             if status.total(JobState::Pending) == 0 {
                 return;
             }
-            assert!(tokio::time::Instant::now() < deadline, "not settled: {status:?}");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "not settled: {status:?}"
+            );
             // Re-checked after each outcome, and now and then regardless:
             // an outcome may land between the check and the wait.
             let _ = tokio::time::timeout(Duration::from_millis(200), settled.recv()).await;
@@ -239,7 +252,10 @@ async fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
             let owned = lines(m.variant);
             let borrowed: Vec<(&str, i64, i64)> =
                 owned.iter().map(|(p, a, q)| (p.as_str(), *a, *q)).collect();
-            (format!("P-{n}"), vec![(m.revision, expected_total(&borrowed))])
+            (
+                format!("P-{n}"),
+                vec![(m.revision, expected_total(&borrowed))],
+            )
         })
         .collect();
     let standing = standing_sales(&sim).map_err(TestCaseError::fail)?;
