@@ -5,6 +5,7 @@
 mod common;
 
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 
 use common::orders::{
     expected_total, order, order_config, standing_sales, OrderClient, ORDERS_TOKEN,
@@ -14,9 +15,18 @@ use common::RunningDaemon;
 use reqwest::Method;
 use serde_json::json;
 use smaregi_sim::faults::Faults;
+use smaregi_sim::Simulator;
 
 fn client(relay: &RunningDaemon) -> OrderClient {
     OrderClient::new(&relay.url(""), &relay.certificate())
+}
+
+/// A daemon in `dir` with the order API on, delivering to `sim`.
+fn start(dir: &Path, sim: &Simulator, extra: &str) -> (PathBuf, RunningDaemon, OrderClient) {
+    let config = order_config(dir, &sim.url(), extra);
+    let relay = RunningDaemon::start(dir, &config);
+    let orders = client(&relay);
+    (config, relay, orders)
 }
 
 fn outage() -> Faults {
@@ -30,9 +40,7 @@ fn outage() -> Faults {
 async fn an_order_edited_twice_and_sent_three_times_stands_once_as_its_last_revision() {
     let sim = simulator().await;
     let temp = tempfile::tempdir().unwrap();
-    let config = order_config(temp.path(), &sim.url(), "");
-    let relay = RunningDaemon::start(temp.path(), &config);
-    let orders = client(&relay);
+    let (_, relay, orders) = start(temp.path(), &sim, "");
 
     let first = order("A-1", 1, &[("101", 1100, 2)]);
     let answers = [
@@ -85,9 +93,7 @@ async fn an_order_edited_twice_and_sent_three_times_stands_once_as_its_last_revi
 async fn an_order_cancelled_before_its_registration_succeeded_leaves_no_sale() {
     let sim = simulator().await;
     let temp = tempfile::tempdir().unwrap();
-    let config = order_config(temp.path(), &sim.url(), "");
-    let relay = RunningDaemon::start(temp.path(), &config);
-    let orders = client(&relay);
+    let (_, relay, orders) = start(temp.path(), &sim, "");
 
     sim.set_faults(outage());
     assert_eq!(
@@ -128,9 +134,7 @@ async fn an_order_cancelled_before_its_registration_succeeded_leaves_no_sale() {
 async fn an_edit_during_a_smaregi_outage_is_delivered_in_order_once_it_ends() {
     let sim = simulator().await;
     let temp = tempfile::tempdir().unwrap();
-    let config = order_config(temp.path(), &sim.url(), "");
-    let relay = RunningDaemon::start(temp.path(), &config);
-    let orders = client(&relay);
+    let (_, relay, orders) = start(temp.path(), &sim, "");
 
     assert_eq!(
         orders
@@ -181,9 +185,7 @@ async fn an_edit_during_a_smaregi_outage_is_delivered_in_order_once_it_ends() {
 async fn a_daemon_killed_between_an_edits_cancel_and_register_ends_with_the_edit_standing_once() {
     let sim = simulator().await;
     let temp = tempfile::tempdir().unwrap();
-    let config = order_config(temp.path(), &sim.url(), "");
-    let relay = RunningDaemon::start(temp.path(), &config);
-    let orders = client(&relay);
+    let (config, relay, orders) = start(temp.path(), &sim, "");
     assert_eq!(
         orders
             .put(&order("D-1", 1, &[("101", 1000, 1)]))
@@ -244,9 +246,7 @@ async fn a_daemon_killed_between_an_edits_cancel_and_register_ends_with_the_edit
 async fn bad_orders_get_a_clear_4xx_and_nothing_is_recorded() {
     let sim = simulator().await;
     let temp = tempfile::tempdir().unwrap();
-    let config = order_config(temp.path(), &sim.url(), "");
-    let relay = RunningDaemon::start(temp.path(), &config);
-    let orders = client(&relay);
+    let (_, relay, orders) = start(temp.path(), &sim, "");
     let path = "/api/v1/orders/E-1";
     let valid = order("E-1", 1, &[("101", 1000, 1)]);
     let send = |token: Option<&'static str>, body: Vec<u8>| {
@@ -355,9 +355,7 @@ async fn bad_orders_get_a_clear_4xx_and_nothing_is_recorded() {
 async fn an_order_with_an_unmapped_product_is_held_or_refused_as_configured() {
     let sim = simulator().await;
     let temp = tempfile::tempdir().unwrap();
-    let config = order_config(temp.path(), &sim.url(), "");
-    let relay = RunningDaemon::start(temp.path(), &config);
-    let orders = client(&relay);
+    let (_, relay, orders) = start(temp.path(), &sim, "");
     let mut unmapped = order("F-1", 1, &[("101", 1000, 1)]);
     unmapped["lines"][0] = json!({"external_code": "TEA-500", "name": "緑茶", "unit_price": 150, "quantity": 2, "tax_rate": 8});
 
@@ -377,9 +375,7 @@ async fn an_order_with_an_unmapped_product_is_held_or_refused_as_configured() {
     assert!(relay.stop().success());
 
     let strict = tempfile::tempdir().unwrap();
-    let config = order_config(strict.path(), &sim.url(), "unmapped = \"reject\"");
-    let relay = RunningDaemon::start(strict.path(), &config);
-    let orders = client(&relay);
+    let (_, relay, orders) = start(strict.path(), &sim, "unmapped = \"reject\"");
     let refused = orders.put(&unmapped).await;
     assert_eq!(refused.status, 422, "{refused:?}");
     assert_eq!(

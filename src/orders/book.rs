@@ -44,7 +44,7 @@ use crate::smaregi::jobs::{stage_cancel, stage_register, StageError};
 use crate::smaregi::jst;
 use crate::smaregi::ledger::{Ledger, LedgerError};
 use crate::smaregi::sale::Sale;
-use crate::store::{Store, StoreError, TreeName};
+use crate::store::{widen_abort, Store, StoreError, TreeName};
 
 pub const ORDERS: TreeName = TreeName::new("orders");
 
@@ -197,14 +197,6 @@ fn abort<T>(error: OrderBookError) -> TxResult<T> {
     Err(ConflictableTransactionError::Abort(error))
 }
 
-fn lift<T>(result: ConflictableTransactionResult<T, StageError>) -> TxResult<T> {
-    result.map_err(|error| match error {
-        ConflictableTransactionError::Abort(e) => ConflictableTransactionError::Abort(e.into()),
-        ConflictableTransactionError::Storage(e) => ConflictableTransactionError::Storage(e),
-        ConflictableTransactionError::Conflict => ConflictableTransactionError::Conflict,
-    })
-}
-
 fn read(orders: &TransactionalTree, order_id: &str) -> TxResult<Option<OrderRecord>> {
     match orders.get(record_key(RECORD, order_id))? {
         None => Ok(None),
@@ -254,7 +246,7 @@ impl Trees<'_> {
             return Ok(None);
         };
         let key = ordering_key(&record.order.order_id);
-        let reversal = lift(stage_cancel(
+        let reversal = widen_abort(stage_cancel(
             self.outbox,
             self.ledger,
             job_id,
@@ -282,7 +274,7 @@ impl Trees<'_> {
         stamp: &Stamp,
     ) -> TxResult<u64> {
         let key = ordering_key(&record.order.order_id);
-        let staged = lift(stage_register(
+        let staged = widen_abort(stage_register(
             self.outbox,
             self.ledger,
             job_id,

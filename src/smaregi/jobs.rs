@@ -3,8 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 use sled::transaction::{
-    ConflictableTransactionError, ConflictableTransactionResult, TransactionError, Transactional,
-    TransactionalTree,
+    ConflictableTransactionResult, TransactionError, Transactional, TransactionalTree,
 };
 
 use super::jst;
@@ -13,7 +12,7 @@ use super::sale::Sale;
 use crate::outbox::job::NewJob;
 use crate::outbox::queue::{Queue, QueueError};
 use crate::outbox::retry::unix_millis;
-use crate::store::{Store, StoreError};
+use crate::store::{widen_abort, Store, StoreError};
 
 pub const UPSTREAM: &str = "smaregi";
 pub const REGISTER_KIND: &str = "smaregi.transaction-register";
@@ -53,18 +52,6 @@ pub enum StageError {
     Store(#[from] StoreError),
 }
 
-/// Widens a transaction's abort error to [`StageError`].
-fn lift<T, E: Into<StageError>>(
-    result: ConflictableTransactionResult<T, E>,
-) -> ConflictableTransactionResult<T, StageError> {
-    result.map_err(|error| match error {
-        ConflictableTransactionError::Abort(e) => ConflictableTransactionError::Abort(e.into()),
-        ConflictableTransactionError::Storage(e) => ConflictableTransactionError::Storage(e),
-        // sled retries the closure on a conflict; it must pass through.
-        ConflictableTransactionError::Conflict => ConflictableTransactionError::Conflict,
-    })
-}
-
 /// Adds the job that registers `sale`, inside the caller's transaction
 /// over the outbox and ledger trees: its `terminalTranId` is the next of
 /// its terminal and its time `now_jst`, fixed from here on. Returns the
@@ -79,7 +66,7 @@ pub fn stage_register(
     now_ms: u64,
 ) -> ConflictableTransactionResult<Sale, StageError> {
     let mut sale = sale.clone();
-    sale.terminal_tran_id = lift(Ledger::next_terminal_tran_id(ledger, &sale.terminal_id))?;
+    sale.terminal_tran_id = widen_abort(Ledger::next_terminal_tran_id(ledger, &sale.terminal_id))?;
     sale.terminal_tran_date_time = jst::format(now_jst);
     sale.dispose_of = None;
     let payload = RegisterPayload {
@@ -87,7 +74,7 @@ pub fn stage_register(
         sale: sale.clone(),
     };
     let job = new_job(REGISTER_KIND, key, &payload);
-    lift(Queue::stage(outbox, job_id, &job, now_ms))?;
+    widen_abort(Queue::stage(outbox, job_id, &job, now_ms))?;
     Ok(sale)
 }
 
@@ -103,7 +90,8 @@ pub fn stage_cancel(
     now_jst: i64,
     now_ms: u64,
 ) -> ConflictableTransactionResult<Sale, StageError> {
-    let terminal_tran_id = lift(Ledger::next_terminal_tran_id(ledger, &original.terminal_id))?;
+    let terminal_tran_id =
+        widen_abort(Ledger::next_terminal_tran_id(ledger, &original.terminal_id))?;
     let reversal = original.reversal(&terminal_tran_id, &jst::format(now_jst));
     let payload = CancelPayload {
         v: PAYLOAD_VERSION,
@@ -112,7 +100,7 @@ pub fn stage_cancel(
         reversal: reversal.clone(),
     };
     let job = new_job(CANCEL_KIND, key, &payload);
-    lift(Queue::stage(outbox, job_id, &job, now_ms))?;
+    widen_abort(Queue::stage(outbox, job_id, &job, now_ms))?;
     Ok(reversal)
 }
 

@@ -449,3 +449,18 @@ fn create_directories(directory: &Path) -> io::Result<Vec<PathBuf>> {
 fn sync_directory(path: &Path) -> io::Result<()> {
     File::open(path)?.sync_all()
 }
+
+/// Widens a sled transaction's abort error, e.g. from a module's own
+/// error to its caller's: for transactions that span several modules'
+/// trees. Conflicts and storage errors pass through unchanged (sled
+/// retries the closure on a conflict).
+pub fn widen_abort<T, E: Into<F>, F>(
+    result: sled::transaction::ConflictableTransactionResult<T, E>,
+) -> sled::transaction::ConflictableTransactionResult<T, F> {
+    use sled::transaction::ConflictableTransactionError as Error;
+    result.map_err(|error| match error {
+        Error::Abort(e) => Error::Abort(e.into()),
+        Error::Storage(e) => Error::Storage(e),
+        Error::Conflict => Error::Conflict,
+    })
+}
