@@ -20,6 +20,7 @@ use std::time::Duration;
 
 use secrecy::SecretString;
 use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
@@ -29,11 +30,12 @@ use crate::intake::cert::{
     self, CertError, CertificateFiles, CertificateResolver, Reload, Reloader,
 };
 use crate::intake::server;
-use crate::orders::{self, build::BuildSettings, IdentityCatalog, OrderApi, OrderBook};
+use crate::orders::{self, build::BuildSettings, Catalog, IdentityCatalog, OrderApi, OrderBook};
 use crate::outbox::engine::{Engine, EngineBuilder, EngineError};
 use crate::smaregi::client::{ClientError, SmaregiClient};
 use crate::smaregi::executor::TransactionExecutor;
 use crate::smaregi::ledger::Ledger;
+use crate::stock::{self, StockBook};
 use crate::store::{Store, StoreError, StoreOptions};
 use crate::telemetry::{self, TelemetryError};
 
@@ -55,6 +57,8 @@ pub enum DaemonError {
     SmaregiClient(#[from] ClientError),
     #[error("[listener]: {0}")]
     Certificate(#[from] CertError),
+    #[error("[stock.downstream]: {0}")]
+    Downstream(#[source] ClientError),
     #[error("[listener]: cannot listen on {address}: {source}")]
     Listen {
         address: std::net::SocketAddr,
@@ -73,7 +77,7 @@ impl DaemonError {
             Self::Runtime(_) | Self::Signals(_) => crate::exit::SOFTWARE,
             Self::Outbox(EngineError::Store(e)) => e.exit_code(),
             Self::Outbox(_) => crate::exit::SOFTWARE,
-            Self::SmaregiClient(_) => crate::exit::CONFIG,
+            Self::SmaregiClient(_) | Self::Downstream(_) => crate::exit::CONFIG,
             Self::Certificate(CertError::Write { .. }) => crate::exit::CANT_CREATE,
             Self::Certificate(_) => crate::exit::CONFIG,
             // Another process may still be letting go of the port.
@@ -124,13 +128,17 @@ async fn serve(loaded: LoadedConfig) -> Result<(), DaemonError> {
 
     let shutdown = CancellationToken::new();
     let tasks = TaskTracker::new();
+    // The listener tells the inbox processor of each new notification.
+    let accepted = Arc::new(Notify::new());
     let started = async {
-        let engine = outbox_engine(&store, &config)?;
-        let orders = order_api(&engine, &config)?;
-        let listener = intake_listener(&store, &config, orders).await?;
-        Ok::<_, DaemonError>((engine, listener))
+        let catalog: Arc<dyn Catalog> = Arc::new(IdentityCatalog);
+        let stock = StockBook::open(&store, &config.stock)?;
+        let engine = outbox_engine(&store, &config, &stock, Arc::clone(&catalog))?;
+        let orders = order_api(&engine, &config, catalog)?;
+        let listener = intake_listener(&store, &config, orders, Arc::clone(&accepted)).await?;
+        Ok::<_, DaemonError>((engine, stock, listener))
     };
-    let (engine, (listener, reloader)) = match started.await {
+    let (engine, stock, (listener, reloader)) = match started.await {
         Ok(started) => started,
         Err(error) => {
             store.close().await?;
@@ -150,6 +158,17 @@ async fn serve(loaded: LoadedConfig) -> Result<(), DaemonError> {
         status.clone(),
         shutdown.clone(),
     ));
+    // Refreshing stock needs Smaregi; until it is configured, notifications
+    // wait in the inbox, unprocessed.
+    if config.smaregi.is_some() {
+        tasks.spawn(stock::processor::run(
+            store.clone(),
+            stock,
+            engine.clone(),
+            accepted,
+            shutdown.clone(),
+        ));
+    }
     tasks.spawn({
         let shutdown = shutdown.clone();
         async move {
@@ -203,6 +222,7 @@ async fn intake_listener(
     store: &Store,
     config: &Config,
     orders: Option<Arc<OrderApi>>,
+    accepted: Arc<Notify>,
 ) -> Result<(server::Listener, Reloader), DaemonError> {
     let files = CertificateFiles::new(
         config.listener.tls_certificate.as_deref(),
@@ -231,6 +251,7 @@ async fn intake_listener(
         tls,
         store,
         orders,
+        accepted,
     )
     .await
     .map_err(|source| DaemonError::Listen {
@@ -309,16 +330,33 @@ async fn reload_certificate(
 const FAILURE_GRACE: Duration = Duration::from_secs(1);
 
 /// The outbox engine with the executors of every configured upstream.
-fn outbox_engine(store: &Store, config: &Config) -> Result<Engine, DaemonError> {
+fn outbox_engine(
+    store: &Store,
+    config: &Config,
+    stock: &StockBook,
+    catalog: Arc<dyn Catalog>,
+) -> Result<Engine, DaemonError> {
     let mut builder = EngineBuilder::new(store, &config.outbox)?;
-    if let Some(smaregi) = &config.smaregi {
+    let client = match &config.smaregi {
+        Some(smaregi) => Some(SmaregiClient::new(smaregi)?),
+        None => None,
+    };
+    if let (Some(smaregi), Some(client)) = (&config.smaregi, &client) {
         let executor = TransactionExecutor::new(
-            SmaregiClient::new(smaregi)?,
+            client.clone(),
             Ledger::open(store)?,
             smaregi.cancel_strategy,
         );
         builder = executor.register_with(builder);
     }
+    builder = stock::book::register_executors(
+        builder,
+        stock,
+        client,
+        config.stock.downstream.as_ref(),
+        catalog,
+    )
+    .map_err(DaemonError::Downstream)?;
     let engine = builder.build()?;
     for (upstream, pause) in engine.paused() {
         warn!(upstream, reason = %pause.reason, "outbox: upstream paused by an operator; `resume` delivers again");
@@ -328,12 +366,16 @@ fn outbox_engine(store: &Store, config: &Config) -> Result<Engine, DaemonError> 
 
 /// The order API, if `[orders] api-token` turns it on (config validation
 /// makes sure `[smaregi]` is there too).
-fn order_api(engine: &Engine, config: &Config) -> Result<Option<Arc<OrderApi>>, DaemonError> {
+fn order_api(
+    engine: &Engine,
+    config: &Config,
+    catalog: Arc<dyn Catalog>,
+) -> Result<Option<Arc<OrderApi>>, DaemonError> {
     let (Some(token), Some(smaregi)) = (&config.orders.api_token, &config.smaregi) else {
         return Ok(None);
     };
     let settings = BuildSettings::from_config(&config.orders, &smaregi.terminal_id);
-    let book = OrderBook::open(engine, settings, Arc::new(IdentityCatalog))?;
+    let book = OrderBook::open(engine, settings, catalog)?;
     info!(path = orders::api::PATH_PREFIX, "order API enabled");
     Ok(Some(Arc::new(OrderApi::new(
         book,

@@ -16,6 +16,7 @@
 //! | [`outbox`] | the calls we owe: job model, durable per-key queue, retry policy, the engine that runs jobs, operator operations |
 //! | [`orders`] | the order API, order ledger and order → transaction building; edits as cancel then register |
 //! | [`smaregi`] | Smaregi's legacy API: client, error classes, exactly-once 取引登録/取引取消 executors |
+//! | [`stock`] | stock notices → the stock mirror → signed batches to the store's EC side |
 //! | [`tls`] | rustls client configuration for outgoing calls |
 //! | [`telemetry`] | tracing set-up: journald under systemd, human-readable stderr otherwise |
 //! | [`daemon`] | wiring, start-up order, sd_notify, the shutdown token and drain deadline |
@@ -30,6 +31,7 @@ pub mod intake;
 pub mod orders;
 pub mod outbox;
 pub mod smaregi;
+pub mod stock;
 pub mod store;
 pub mod telemetry;
 pub mod tls;

@@ -71,6 +71,9 @@ pub mod defaults {
     pub const SMAREGI_REQUEST_TIMEOUT_SECONDS: u64 = 30;
     /// How far around a transaction's own time a look-up searches.
     pub const SMAREGI_LOOKUP_WINDOW_HOURS: u64 = 24;
+    /// Products per downstream stock batch.
+    pub const DOWNSTREAM_BATCH_SIZE: u32 = 500;
+    pub const DOWNSTREAM_REQUEST_TIMEOUT_SECONDS: u64 = 30;
     /// 集計区分 of order transactions.
     pub const ORDERS_SUM_DIVISION: u8 = 2;
     pub const ORDERS_MAX_BODY_BYTES: u64 = 1024 * 1024;
@@ -392,6 +395,69 @@ pub enum MappingFallback {
 pub struct StockConfig {
     /// Smaregi store ids (店舗ID) to follow; empty means all.
     pub stores: Vec<String>,
+    /// Where a product's stock is read after a notification.
+    pub source: StockSource,
+    /// The store's EC side, which receives stock; nothing is forwarded without it.
+    pub downstream: Option<DownstreamConfig>,
+}
+
+/// Where the stock amount comes from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StockSource {
+    /// Read from Smaregi (`stock_ref`) after each notification: the truth,
+    /// whatever order notifications arrive in.
+    #[default]
+    Smaregi,
+    /// The notification's own `stockAmount`: no extra calls, but a late
+    /// notification can carry an older value.
+    Notification,
+}
+
+/// `[stock.downstream]`: a webhook receiving stock in signed JSON batches.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct DownstreamConfig {
+    pub url: String,
+    /// Signs every batch (Standard Webhooks, HMAC-SHA256).
+    pub secret: Secret,
+    #[serde(default = "default_downstream_batch_size")]
+    pub batch_size: u32,
+    #[serde(default)]
+    pub clamp: Clamp,
+    #[serde(default = "default_downstream_timeout")]
+    pub request_timeout_seconds: u64,
+    /// A PEM certificate to trust besides the system's roots.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+}
+
+/// What range of stock the downstream can hold.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Clamp {
+    /// Forward Smaregi's value as it is.
+    #[default]
+    None,
+    /// 0 to 999,999, as common carts hold: negative stock becomes 0.
+    Cart,
+}
+
+impl Clamp {
+    pub fn apply(self, amount: i64) -> i64 {
+        match self {
+            Self::None => amount,
+            Self::Cart => amount.clamp(0, 999_999),
+        }
+    }
+}
+
+fn default_downstream_batch_size() -> u32 {
+    defaults::DOWNSTREAM_BATCH_SIZE
+}
+
+fn default_downstream_timeout() -> u64 {
+    defaults::DOWNSTREAM_REQUEST_TIMEOUT_SECONDS
 }
 
 /// `[orders]`: the order API for the store's EC side, and how an order
@@ -537,6 +603,10 @@ impl Config {
             self.listener.tls_private_key.as_mut(),
             self.mapping.drop_directory.as_mut(),
             self.smaregi.as_mut().and_then(|s| s.ca_file.as_mut()),
+            self.stock
+                .downstream
+                .as_mut()
+                .and_then(|d| d.ca_file.as_mut()),
         ]
         .into_iter()
         .flatten()
@@ -745,7 +815,23 @@ impl Section for LoggingConfig {}
 impl Section for DaemonConfig {}
 impl Section for OutboxConfig {}
 impl Section for MappingConfig {}
-impl Section for StockConfig {}
+impl Section for StockConfig {
+    fn secrets_mut(&mut self) -> Vec<(&'static [&'static str], &mut Secret)> {
+        self.downstream
+            .as_mut()
+            .map(|d| (&["stock", "downstream", "secret"][..], &mut d.secret))
+            .into_iter()
+            .collect()
+    }
+
+    fn files(&self) -> Vec<(&'static [&'static str], &Path, bool)> {
+        (self.downstream.as_ref())
+            .and_then(|d| d.ca_file.as_deref())
+            .map(|path| (&["stock", "downstream", "ca-file"][..], path, false))
+            .into_iter()
+            .collect()
+    }
+}
 impl Section for AdminConfig {}
 
 impl Section for IntakeConfig {

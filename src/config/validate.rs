@@ -327,6 +327,26 @@ impl Validate for StockConfig {
                 format!("store `{store}` is listed twice"),
             );
         }
+        if let Some(downstream) = &self.downstream {
+            if let Err(message) = check_endpoint(&downstream.url) {
+                problems.push(problem(&["stock", "downstream", "url"], message));
+            }
+            check(
+                problems,
+                (1..=10_000).contains(&downstream.batch_size),
+                &["stock", "downstream", "batch-size"],
+                format!("{} is out of range: use 1 to 10000", downstream.batch_size),
+            );
+            check(
+                problems,
+                (1..=600).contains(&downstream.request_timeout_seconds),
+                &["stock", "downstream", "request-timeout-seconds"],
+                format!(
+                    "{} is out of range: use 1 to 600",
+                    downstream.request_timeout_seconds
+                ),
+            );
+        }
     }
 }
 

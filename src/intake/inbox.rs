@@ -66,6 +66,9 @@ pub struct Entry {
     pub bytes: u64,
     pub parts: u32,
     pub state: EntryState,
+    /// Why processing failed, for a parked entry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parked_reason: Option<String>,
 }
 
 /// What became of an offered notification.
@@ -127,6 +130,7 @@ impl Inbox {
             bytes: offer.body.len() as u64,
             parts: parts.len() as u32,
             state: EntryState::Unprocessed,
+            parked_reason: None,
         };
         let encoded = serde_json::to_vec(&entry).expect("an entry serialises");
         let seen_key = record(SEEN, offer.dedup_key.as_bytes());
@@ -155,6 +159,43 @@ impl Inbox {
                 Err(self.store.check::<()>(Err(e)).unwrap_err().into())
             }
         }
+    }
+
+    /// The tree, for transactions that span it and the processor's.
+    pub fn tree(&self) -> &sled::Tree {
+        &self.tree
+    }
+
+    /// Marks entry `seq` processed inside the caller's transaction.
+    pub fn stage_processed(
+        inbox: &sled::transaction::TransactionalTree,
+        seq: u64,
+        entry: &Entry,
+    ) -> sled::transaction::ConflictableTransactionResult<(), InboxError> {
+        let entry = Entry {
+            state: EntryState::Processed,
+            ..entry.clone()
+        };
+        let encoded = serde_json::to_vec(&entry).expect("an entry serialises");
+        inbox.insert(record(ENTRY, &u64_key(seq)), encoded)?;
+        inbox.remove(record(UNPROCESSED, &u64_key(seq)))?;
+        Ok(())
+    }
+
+    /// Parks entry `seq` with `reason`: it leaves the unprocessed index
+    /// and waits for an operator. Durable after a commit.
+    pub fn park(&self, seq: u64, entry: &Entry, reason: &str) -> Result<(), InboxError> {
+        let entry = Entry {
+            state: EntryState::Parked,
+            parked_reason: Some(reason.chars().take(500).collect()),
+            ..entry.clone()
+        };
+        let encoded = serde_json::to_vec(&entry).expect("an entry serialises");
+        let mut batch = sled::Batch::default();
+        batch.insert(record(ENTRY, &u64_key(seq)), encoded);
+        batch.remove(record(UNPROCESSED, &u64_key(seq)));
+        self.store.check(self.tree.apply_batch(batch))?;
+        Ok(())
     }
 
     pub fn entry(&self, seq: u64) -> Result<Option<Entry>, InboxError> {

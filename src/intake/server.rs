@@ -20,7 +20,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use secrecy::{ExposeSecret, SecretString};
 use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{Notify, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -132,6 +132,8 @@ struct Handler {
     dedup_window_ms: u64,
     /// The order API, when `[orders]` turns it on.
     orders: Option<Arc<OrderApi>>,
+    /// Told after each new notification is committed.
+    accepted: Arc<Notify>,
 }
 
 /// The bound listener, before it serves.
@@ -158,6 +160,7 @@ pub async fn bind(
     tls: rustls::ServerConfig,
     store: &Store,
     orders: Option<Arc<OrderApi>>,
+    accepted: Arc<Notify>,
 ) -> std::io::Result<Listener> {
     let tcp = TcpListener::bind(listener.address).await?;
     let handler = Handler {
@@ -172,6 +175,7 @@ pub async fn bind(
         body_timeout: Duration::from_secs(listener.body_timeout_seconds),
         dedup_window_ms: intake.dedup_window_seconds * 1000,
         orders,
+        accepted,
     };
     Ok(Listener {
         tcp,
@@ -343,12 +347,15 @@ impl Handler {
         })?;
         let kind = offer.kind;
         match accepted {
-            Accepted::New(seq) => info!(
-                seq,
-                kind,
-                bytes = offer.body.len(),
-                "intake: notification stored"
-            ),
+            Accepted::New(seq) => {
+                self.accepted.notify_one();
+                info!(
+                    seq,
+                    kind,
+                    bytes = offer.body.len(),
+                    "intake: notification stored"
+                )
+            }
             Accepted::Duplicate(seq) => info!(
                 seq,
                 kind, "intake: resent notification answered, not stored again"

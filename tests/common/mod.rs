@@ -252,6 +252,7 @@ pub fn open_raw_sled(path: &Path) -> sled::Db {
         .unwrap()
 }
 
+pub mod downstream;
 pub mod orders;
 pub mod smaregi;
 

@@ -1,0 +1,631 @@
+//! The stock mirror and the work that keeps it and the downstream
+//! current, in the `stock` tree:
+//!
+//! | key | value | what |
+//! |---|---|---|
+//! | `D` store `␀` product | [`Dirty`] | a notification said this product changed: refresh it |
+//! | `J` store | job id | a refresh job for the store is waiting to start |
+//! | `M` store `␀` product | [`Mirrored`] | the stock as last learned, with Smaregi's time |
+//! | `O` store `␀` product | stamp | the mirror's value must reach the downstream |
+//! | `W` | job id | a push job is waiting to start |
+//!
+//! Coalescing: a notification only marks products dirty; it stages a
+//! refresh job for a store only when none is waiting. A refresh takes
+//! every dirty product of its store at once (Smaregi's `stock_ref`, 1,000
+//! products a call), so a burst of notifications, or a stocktake of
+//! thousands of rows, costs a handful of calls. A job forgets its `J` or
+//! `W` mark when it starts, so a change that arrives while it runs gets a
+//! job of its own; a dirty or outgoing mark is cleared only if no newer
+//! one replaced it meanwhile.
+//!
+//! Latest wins downstream: a push reads the mirror when it sends, never a
+//! value captured earlier, and pushes run one at a time (one ordering
+//! key), so the downstream never gets an older value after a newer one.
+//! Older information never overwrites newer in the mirror either: a value
+//! whose Smaregi time is earlier than the mirror's is ignored.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use sled::transaction::{
+    ConflictableTransactionError, ConflictableTransactionResult, TransactionError, Transactional,
+    TransactionalTree,
+};
+use tracing::{info, warn};
+
+use super::notice::{read_notice, StockNotice};
+use super::sign;
+use crate::config::{Clamp, DownstreamConfig, StockConfig, StockSource};
+use crate::intake::inbox::{Entry, Inbox, InboxError};
+use crate::orders::Catalog;
+use crate::outbox::engine::{AttemptOutcome, BoxFuture, EngineBuilder, Executor};
+use crate::outbox::job::{Job, NewJob};
+use crate::outbox::queue::{Queue, QueueError};
+use crate::outbox::retry::unix_millis;
+use crate::smaregi::client::{ClientError, SmaregiClient};
+use crate::store::{widen_abort, Store, StoreError, TreeName};
+
+pub const STOCK: TreeName = TreeName::new("stock");
+pub const REFRESH_KIND: &str = "stock.refresh";
+pub const PUSH_KIND: &str = "stock.push";
+/// The upstream of push jobs: the store's EC side.
+pub const DOWNSTREAM: &str = "downstream";
+pub const PUSH_KEY: &str = "stock-push";
+
+const DIRTY: u8 = b'D';
+const REFRESH_WAITING: u8 = b'J';
+const MIRROR: u8 = b'M';
+const OUTGOING: u8 = b'O';
+const PUSH_WAITING: &[u8] = b"W";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StockError {
+    #[error("stock record is corrupt: {0}")]
+    Corrupt(String),
+    #[error("{0}")]
+    Queue(#[from] QueueError),
+    #[error("{0}")]
+    Inbox(#[from] InboxError),
+    #[error("{0}")]
+    Store(#[from] StoreError),
+}
+
+/// A product to refresh, as the latest notification described it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Dirty {
+    /// Unique and increasing: tells whether a newer notice replaced it.
+    pub stamp: u64,
+    pub amount: Option<i64>,
+    pub updated_at: Option<String>,
+}
+
+/// A product's stock as the relay last learned it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Mirrored {
+    pub amount: i64,
+    /// Smaregi's `updDateTime` (JST), when known.
+    pub updated_at: Option<String>,
+    /// When the relay learned it, Unix milliseconds.
+    pub learned_at: u64,
+    pub stamp: u64,
+}
+
+fn pair_key(tag: u8, store: &str, product: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(2 + store.len() + product.len());
+    key.push(tag);
+    key.extend_from_slice(store.as_bytes());
+    key.push(0);
+    key.extend_from_slice(product.as_bytes());
+    key
+}
+
+fn split_pair(key: &[u8]) -> Option<(String, String)> {
+    let rest = &key[1..];
+    let at = rest.iter().position(|&b| b == 0)?;
+    Some((
+        String::from_utf8_lossy(&rest[..at]).into_owned(),
+        String::from_utf8_lossy(&rest[at + 1..]).into_owned(),
+    ))
+}
+
+fn store_key(tag: u8, store: &str) -> Vec<u8> {
+    let mut key = vec![tag];
+    key.extend_from_slice(store.as_bytes());
+    key
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+struct RefreshPayload {
+    v: u32,
+    store: String,
+}
+
+type TxResult<T> = ConflictableTransactionResult<T, StockError>;
+
+fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T, StockError> {
+    serde_json::from_slice(bytes).map_err(|e| StockError::Corrupt(format!("{what}: {e}")))
+}
+
+fn tx_decode<T: serde::de::DeserializeOwned>(bytes: &[u8], what: &str) -> TxResult<T> {
+    decode(bytes, what).map_err(ConflictableTransactionError::Abort)
+}
+
+/// The stock side: mirror, notices, refresh and push jobs. Cheap to clone.
+#[derive(Clone)]
+pub struct StockBook {
+    store: Store,
+    tree: sled::Tree,
+    queue: Queue,
+    config: Arc<StockConfig>,
+}
+
+impl StockBook {
+    pub fn open(store: &Store, config: &StockConfig) -> Result<Self, StoreError> {
+        Ok(Self {
+            tree: store.tree(STOCK)?,
+            queue: Queue::open(store)?,
+            store: store.clone(),
+            config: Arc::new(config.clone()),
+        })
+    }
+
+    fn follows(&self, store: &str) -> bool {
+        self.config.stores.is_empty() || self.config.stores.iter().any(|s| s == store)
+    }
+
+    /// Turns inbox entry `seq` into refresh work and marks it processed,
+    /// in one transaction; durable after the caller's commit. A notice
+    /// that no longer reads parks the entry with the reason.
+    pub fn process(
+        &self,
+        inbox: &Inbox,
+        seq: u64,
+        entry: &Entry,
+    ) -> Result<StockNotice, StockError> {
+        let body = inbox.body(seq)?;
+        let notice = match read_notice(entry.route, &entry.kind, &body, &|s| self.follows(s)) {
+            Ok(notice) => notice,
+            Err(e) => {
+                warn!(seq, error = %e, "stock: a stored notification cannot be processed; parked");
+                inbox.park(seq, entry, &e.to_string())?;
+                return Ok(StockNotice::default());
+            }
+        };
+        for skipped in &notice.skipped {
+            warn!(seq, row = skipped.row, reason = %skipped.reason, "stock: notification row skipped");
+        }
+        let mut stores: Vec<&str> = notice.hints.iter().map(|h| h.store_id.as_str()).collect();
+        stores.sort_unstable();
+        stores.dedup();
+        let mut ids = Vec::with_capacity(stores.len());
+        let mut stamps = Vec::with_capacity(notice.hints.len());
+        for _ in &stores {
+            ids.push(self.store.generate_id()?);
+        }
+        for _ in &notice.hints {
+            stamps.push(self.store.generate_id()?);
+        }
+        let now = unix_millis(std::time::SystemTime::now());
+        let result = (inbox.tree(), &self.tree, self.queue.tree()).transaction(
+            |(inbox_tx, stock, outbox)| {
+                for (hint, stamp) in notice.hints.iter().zip(&stamps) {
+                    let dirty = Dirty {
+                        stamp: *stamp,
+                        amount: hint.amount,
+                        updated_at: hint.updated_at.clone(),
+                    };
+                    stock.insert(
+                        pair_key(DIRTY, &hint.store_id, &hint.product_id),
+                        serde_json::to_vec(&dirty).expect("serialises"),
+                    )?;
+                }
+                for (store_id, job_id) in stores.iter().zip(&ids) {
+                    if stock.get(store_key(REFRESH_WAITING, store_id))?.is_some() {
+                        continue;
+                    }
+                    let job = NewJob {
+                        kind: REFRESH_KIND.into(),
+                        upstream: crate::smaregi::jobs::UPSTREAM.into(),
+                        key: format!("stock-refresh:{store_id}"),
+                        payload: json!({"v": 1, "store": store_id}),
+                    };
+                    widen_abort(Queue::stage(outbox, *job_id, &job, now))?;
+                    stock.insert(store_key(REFRESH_WAITING, store_id), &job_id.to_be_bytes())?;
+                }
+                widen_abort(Inbox::stage_processed(inbox_tx, seq, entry))?;
+                Ok(())
+            },
+        );
+        self.finish(result)?;
+        Ok(notice)
+    }
+
+    fn finish<T>(&self, result: Result<T, TransactionError<StockError>>) -> Result<T, StockError> {
+        match result {
+            Ok(value) => Ok(value),
+            Err(TransactionError::Abort(e)) => Err(e),
+            Err(TransactionError::Storage(e)) => {
+                Err(self.store.check::<()>(Err(e)).unwrap_err().into())
+            }
+        }
+    }
+
+    /// The mirror's value for one product.
+    pub fn mirrored(&self, store: &str, product: &str) -> Result<Option<Mirrored>, StockError> {
+        let bytes = self
+            .store
+            .check(self.tree.get(pair_key(MIRROR, store, product)))?;
+        bytes.map(|b| decode(&b, "mirror")).transpose()
+    }
+
+    /// Every product of `store` in the mirror.
+    pub fn mirror_of(&self, store: &str) -> Result<Vec<(String, Mirrored)>, StockError> {
+        let mut prefix = store_key(MIRROR, store);
+        prefix.push(0);
+        let mut out = Vec::new();
+        for item in self.tree.scan_prefix(prefix) {
+            let (key, value) = self.store.check(item)?;
+            let (_, product) =
+                split_pair(&key).ok_or_else(|| StockError::Corrupt("mirror key".into()))?;
+            out.push((product, decode(&value, "mirror")?));
+        }
+        Ok(out)
+    }
+
+    fn dirty_of(&self, store: &str) -> Result<Vec<(String, Dirty)>, StockError> {
+        let mut prefix = store_key(DIRTY, store);
+        prefix.push(0);
+        let mut out = Vec::new();
+        for item in self.tree.scan_prefix(prefix) {
+            let (key, value) = self.store.check(item)?;
+            let (_, product) =
+                split_pair(&key).ok_or_else(|| StockError::Corrupt("dirty key".into()))?;
+            out.push((product, decode(&value, "dirty")?));
+        }
+        Ok(out)
+    }
+
+    /// Records what a refresh learned: clears the dirty marks it answered,
+    /// updates the mirror where the news is not older, and queues changed
+    /// values for the downstream. Durable after the caller's commit.
+    fn record_refresh(
+        &self,
+        store_id: &str,
+        learned: &[(String, Dirty, i64, Option<String>)],
+        push_job_id: u64,
+    ) -> Result<usize, StockError> {
+        let now = unix_millis(std::time::SystemTime::now());
+        let downstream = self.config.downstream.is_some();
+        let result = (&self.tree, self.queue.tree()).transaction(|(stock, outbox)| {
+            let mut changed = 0;
+            for (product, dirty, amount, updated_at) in learned {
+                let dirty_key = pair_key(DIRTY, store_id, product);
+                if let Some(current) = stock.get(&dirty_key)? {
+                    let current: Dirty = tx_decode(&current, "dirty")?;
+                    if current.stamp == dirty.stamp {
+                        stock.remove(dirty_key)?;
+                    }
+                }
+                let mirror_key = pair_key(MIRROR, store_id, product);
+                let previous: Option<Mirrored> = match stock.get(&mirror_key)? {
+                    Some(bytes) => Some(tx_decode(&bytes, "mirror")?),
+                    None => None,
+                };
+                if let Some(previous) = &previous {
+                    let older = match (&previous.updated_at, updated_at) {
+                        (Some(before), Some(now)) => now < before,
+                        _ => false,
+                    };
+                    if older || previous.amount == *amount {
+                        continue;
+                    }
+                }
+                let mirrored = Mirrored {
+                    amount: *amount,
+                    updated_at: updated_at.clone(),
+                    learned_at: now,
+                    stamp: dirty.stamp,
+                };
+                stock.insert(
+                    mirror_key,
+                    serde_json::to_vec(&mirrored).expect("serialises"),
+                )?;
+                if downstream {
+                    stock.insert(
+                        pair_key(OUTGOING, store_id, product),
+                        &dirty.stamp.to_be_bytes(),
+                    )?;
+                }
+                changed += 1;
+            }
+            if changed > 0 && downstream && stock.get(PUSH_WAITING)?.is_none() {
+                self.stage_push(stock, outbox, push_job_id, now)?;
+            }
+            Ok(changed)
+        });
+        self.finish(result)
+    }
+
+    fn stage_push(
+        &self,
+        stock: &TransactionalTree,
+        outbox: &TransactionalTree,
+        job_id: u64,
+        now: u64,
+    ) -> TxResult<()> {
+        let job = NewJob {
+            kind: PUSH_KIND.into(),
+            upstream: DOWNSTREAM.into(),
+            key: PUSH_KEY.into(),
+            payload: json!({"v": 1}),
+        };
+        widen_abort(Queue::stage(outbox, job_id, &job, now))?;
+        stock.insert(PUSH_WAITING, &job_id.to_be_bytes())?;
+        Ok(())
+    }
+
+    /// Up to `limit` products waiting for the downstream, with their stamp.
+    fn outgoing(&self, limit: usize) -> Result<Vec<(String, String, u64)>, StockError> {
+        let mut out = Vec::new();
+        for item in self.tree.scan_prefix([OUTGOING]).take(limit) {
+            let (key, value) = self.store.check(item)?;
+            let (store, product) =
+                split_pair(&key).ok_or_else(|| StockError::Corrupt("outgoing key".into()))?;
+            let stamp = value
+                .as_ref()
+                .try_into()
+                .map(u64::from_be_bytes)
+                .map_err(|_| StockError::Corrupt("outgoing stamp".into()))?;
+            out.push((store, product, stamp));
+        }
+        Ok(out)
+    }
+
+    /// Clears the outgoing marks a push delivered (unless a newer value
+    /// replaced them meanwhile); stages the next push if any are left.
+    fn record_pushed(
+        &self,
+        sent: &[(String, String, u64)],
+        next_job_id: u64,
+    ) -> Result<(), StockError> {
+        let now = unix_millis(std::time::SystemTime::now());
+        let result = self.tree.transaction(|stock| {
+            for (store, product, stamp) in sent {
+                let key = pair_key(OUTGOING, store, product);
+                if stock.get(&key)?.as_deref() == Some(&stamp.to_be_bytes()[..]) {
+                    stock.remove(key)?;
+                }
+            }
+            Ok::<_, ConflictableTransactionError<StockError>>(())
+        });
+        self.finish(result)?;
+        // A transaction cannot scan: whether more are waiting is read after it.
+        if !self.outgoing(1)?.is_empty() {
+            let result = (&self.tree, self.queue.tree()).transaction(|(stock, outbox)| {
+                if stock.get(PUSH_WAITING)?.is_none() {
+                    self.stage_push(stock, outbox, next_job_id, now)?;
+                }
+                Ok(())
+            });
+            self.finish(result)?;
+        }
+        Ok(())
+    }
+}
+
+/// Refreshes the dirty products of one store from Smaregi.
+pub struct RefreshExecutor {
+    book: StockBook,
+    client: SmaregiClient,
+}
+
+impl Executor for RefreshExecutor {
+    fn execute<'a>(&'a self, job: &'a Job) -> BoxFuture<'a, AttemptOutcome> {
+        Box::pin(async move {
+            let payload: RefreshPayload = match serde_json::from_value(job.payload.clone()) {
+                Ok(payload) => payload,
+                Err(e) => {
+                    return AttemptOutcome::Undecodable {
+                        reason: format!("the payload does not decode: {e}"),
+                    }
+                }
+            };
+            match self.refresh(&payload.store).await {
+                Ok(outcome) => outcome,
+                Err(e) => AttemptOutcome::Retry {
+                    reason: format!("cannot read or write the stock mirror: {e}"),
+                    retry_after: None,
+                },
+            }
+        })
+    }
+}
+
+impl RefreshExecutor {
+    async fn refresh(&self, store_id: &str) -> Result<AttemptOutcome, StockError> {
+        let book = &self.book;
+        // From here on a new notice needs a job of its own.
+        book.store
+            .check(book.tree.remove(store_key(REFRESH_WAITING, store_id)))?;
+        let dirty = book.dirty_of(store_id)?;
+        if dirty.is_empty() {
+            return Ok(AttemptOutcome::Success);
+        }
+        let trust_notice = book.config.source == StockSource::Notification;
+        let to_fetch: Vec<String> = dirty
+            .iter()
+            .filter(|(_, d)| !(trust_notice && d.amount.is_some()))
+            .map(|(product, _)| product.clone())
+            .collect();
+        let mut fetched = std::collections::HashMap::new();
+        if !to_fetch.is_empty() {
+            match self.client.stock(store_id, &to_fetch).await {
+                Ok(rows) => {
+                    for row in rows {
+                        fetched.insert(row.product_id, (row.amount, Some(row.updated_at)));
+                    }
+                }
+                Err(e) => return Ok(e.outcome(false)),
+            }
+        }
+        let learned: Vec<(String, Dirty, i64, Option<String>)> = dirty
+            .into_iter()
+            .map(|(product, d)| {
+                let (amount, updated_at) = if trust_notice && d.amount.is_some() {
+                    (d.amount.unwrap_or_default(), d.updated_at.clone())
+                } else {
+                    // No Stock row means 0 (SMAREGI.md §1).
+                    fetched.get(&product).cloned().unwrap_or((0, None))
+                };
+                (product, d, amount, updated_at)
+            })
+            .collect();
+        let push_id = book.store.generate_id()?;
+        let changed = book.record_refresh(store_id, &learned, push_id)?;
+        book.store.commit().await?;
+        info!(
+            store = store_id,
+            products = learned.len(),
+            changed,
+            "stock: refreshed"
+        );
+        Ok(AttemptOutcome::Success)
+    }
+}
+
+/// Sends changed stock to the downstream in signed batches.
+pub struct PushExecutor {
+    book: StockBook,
+    http: reqwest::Client,
+    url: String,
+    key: Vec<u8>,
+    batch_size: usize,
+    clamp: Clamp,
+    catalog: Arc<dyn Catalog>,
+}
+
+impl Executor for PushExecutor {
+    fn execute<'a>(&'a self, job: &'a Job) -> BoxFuture<'a, AttemptOutcome> {
+        Box::pin(async move {
+            match self.push(job.id).await {
+                Ok(outcome) => outcome,
+                Err(e) => AttemptOutcome::Retry {
+                    reason: format!("cannot read or write the stock mirror: {e}"),
+                    retry_after: None,
+                },
+            }
+        })
+    }
+}
+
+impl PushExecutor {
+    async fn push(&self, job_id: u64) -> Result<AttemptOutcome, StockError> {
+        let book = &self.book;
+        book.store.check(book.tree.remove(PUSH_WAITING))?;
+        let batch = book.outgoing(self.batch_size)?;
+        if batch.is_empty() {
+            return Ok(AttemptOutcome::Success);
+        }
+        let mut items = Vec::with_capacity(batch.len());
+        for (store, product, _) in &batch {
+            let Some(mirrored) = book.mirrored(store, product)? else {
+                continue;
+            };
+            items.push(json!({
+                "external_code": self.catalog.external_code_for(product),
+                "smaregi_product_id": product,
+                "store_id": store,
+                "stock": self.clamp.apply(mirrored.amount),
+                "updated_at": mirrored.updated_at,
+                "mapping_version": self.catalog.version(),
+            }));
+        }
+        let body = serde_json::to_vec(&json!({ "stock": items })).expect("serialises");
+        let id = format!("stock_{job_id}_{}", batch[0].2);
+        let timestamp = unix_millis(std::time::SystemTime::now()) / 1000;
+        let response = self
+            .http
+            .post(&self.url)
+            .header("content-type", "application/json")
+            .header("webhook-id", &id)
+            .header("webhook-timestamp", timestamp.to_string())
+            .header(
+                "webhook-signature",
+                sign::signature(&self.key, &id, timestamp, &body),
+            )
+            .body(body)
+            .send()
+            .await;
+        let outcome = match response {
+            Err(e) if e.is_timeout() => AttemptOutcome::Retry {
+                reason: format!("the downstream did not answer in time: {e}"),
+                retry_after: None,
+            },
+            Err(e) => AttemptOutcome::Retry {
+                reason: format!("cannot reach the downstream: {e}"),
+                retry_after: None,
+            },
+            Ok(response) => {
+                let status = response.status();
+                let retry_after = response
+                    .headers()
+                    .get("retry-after")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .map(Duration::from_secs);
+                let text: String = response
+                    .text()
+                    .await
+                    .unwrap_or_default()
+                    .chars()
+                    .take(300)
+                    .collect();
+                if status.is_success() {
+                    let next = book.store.generate_id()?;
+                    book.record_pushed(&batch, next)?;
+                    book.store.commit().await?;
+                    return Ok(AttemptOutcome::Success);
+                }
+                let reason = format!("the downstream answered {status}: {text}");
+                if status.is_server_error() || status.as_u16() == 429 || status.as_u16() == 408 {
+                    AttemptOutcome::Retry {
+                        reason,
+                        retry_after,
+                    }
+                } else {
+                    AttemptOutcome::Permanent { reason }
+                }
+            }
+        };
+        Ok(outcome)
+    }
+}
+
+/// Registers the stock executors: refresh when Smaregi is configured,
+/// push when a downstream is.
+pub fn register_executors(
+    builder: EngineBuilder,
+    book: &StockBook,
+    client: Option<SmaregiClient>,
+    downstream: Option<&DownstreamConfig>,
+    catalog: Arc<dyn Catalog>,
+) -> Result<EngineBuilder, ClientError> {
+    let mut builder = builder;
+    if let Some(client) = client {
+        builder = builder.executor(
+            REFRESH_KIND,
+            crate::smaregi::jobs::UPSTREAM,
+            Arc::new(RefreshExecutor {
+                book: book.clone(),
+                client,
+            }),
+        );
+    }
+    if let Some(downstream) = downstream {
+        let tls = crate::tls::client_config(downstream.ca_file.as_deref())?;
+        let http = reqwest::Client::builder()
+            .tls_backend_preconfigured(tls)
+            .timeout(Duration::from_secs(downstream.request_timeout_seconds))
+            .user_agent(concat!("smaregi-relay/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        builder = builder.executor(
+            PUSH_KIND,
+            DOWNSTREAM,
+            Arc::new(PushExecutor {
+                book: book.clone(),
+                http,
+                url: downstream.url.clone(),
+                key: sign::key_of(downstream.secret.expose()),
+                batch_size: downstream.batch_size as usize,
+                clamp: downstream.clamp,
+                catalog,
+            }),
+        );
+    }
+    Ok(builder)
+}

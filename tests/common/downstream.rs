@@ -1,0 +1,154 @@
+//! A test downstream: the store's EC side receiving stock batches. It
+//! checks every signature and records what it got, in order.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use serde_json::Value;
+use smaregi_relay::stock::sign;
+use tokio::sync::watch;
+
+pub const DOWNSTREAM_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+
+/// One stock value as received.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Received {
+    pub stock: i64,
+    pub updated_at: Option<String>,
+    pub external_code: Option<String>,
+}
+
+/// Everything received so far.
+#[derive(Debug, Clone, Default)]
+pub struct Log {
+    /// (store, product) → every value received, in order.
+    pub values: BTreeMap<(String, String), Vec<Received>>,
+    pub batches: usize,
+    pub bad_signatures: usize,
+    pub refused: usize,
+}
+
+impl Log {
+    /// The latest value of each product.
+    pub fn latest(&self) -> BTreeMap<(String, String), i64> {
+        self.values
+            .iter()
+            .map(|(key, values)| (key.clone(), values.last().unwrap().stock))
+            .collect()
+    }
+}
+
+pub struct Downstream {
+    pub address: SocketAddr,
+    pub log: watch::Receiver<Log>,
+    /// The status it answers with: 200 normally.
+    status: Arc<AtomicU16>,
+}
+
+impl Downstream {
+    pub async fn start() -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let (log_tx, log) = watch::channel(Log::default());
+        let log_tx = Arc::new(log_tx);
+        let status = Arc::new(AtomicU16::new(200));
+        let key = sign::key_of(DOWNSTREAM_SECRET);
+        let answer_status = Arc::clone(&status);
+        tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    return;
+                };
+                let log_tx = Arc::clone(&log_tx);
+                let status = Arc::clone(&answer_status);
+                let key = key.clone();
+                tokio::spawn(async move {
+                    let service =
+                        service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
+                            let log_tx = Arc::clone(&log_tx);
+                            let status = Arc::clone(&status);
+                            let key = key.clone();
+                            async move {
+                                let header = |name: &str| {
+                                    request
+                                        .headers()
+                                        .get(name)
+                                        .and_then(|v| v.to_str().ok())
+                                        .unwrap_or("")
+                                        .to_owned()
+                                };
+                                let (id, timestamp, signature) = (
+                                    header("webhook-id"),
+                                    header("webhook-timestamp"),
+                                    header("webhook-signature"),
+                                );
+                                let body = request.into_body().collect().await.unwrap().to_bytes();
+                                let answer = status.load(Ordering::SeqCst);
+                                let valid = timestamp
+                                    .parse()
+                                    .is_ok_and(|ts| sign::verify(&key, &id, ts, &body, &signature));
+                                log_tx.send_modify(|log| {
+                                    if !valid {
+                                        log.bad_signatures += 1;
+                                        return;
+                                    }
+                                    if answer != 200 {
+                                        log.refused += 1;
+                                        return;
+                                    }
+                                    log.batches += 1;
+                                    let json: Value = serde_json::from_slice(&body).unwrap();
+                                    for item in json["stock"].as_array().unwrap() {
+                                        let key = (
+                                            item["store_id"].as_str().unwrap().to_owned(),
+                                            item["smaregi_product_id"].as_str().unwrap().to_owned(),
+                                        );
+                                        log.values.entry(key).or_default().push(Received {
+                                            stock: item["stock"].as_i64().unwrap(),
+                                            updated_at: item["updated_at"]
+                                                .as_str()
+                                                .map(str::to_owned),
+                                            external_code: item["external_code"]
+                                                .as_str()
+                                                .map(str::to_owned),
+                                        });
+                                    }
+                                });
+                                let status = if valid { answer } else { 401 };
+                                Ok::<_, std::convert::Infallible>(
+                                    hyper::Response::builder()
+                                        .status(status)
+                                        .body(Full::new(Bytes::from_static(b"{}")))
+                                        .unwrap(),
+                                )
+                            }
+                        });
+                    let _ = http1::Builder::new()
+                        .serve_connection(TokioIo::new(tcp), service)
+                        .await;
+                });
+            }
+        });
+        Self {
+            address,
+            log,
+            status,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}/stock", self.address)
+    }
+
+    /// Answers every batch with `status` from now on.
+    pub fn answer(&self, status: u16) {
+        self.status.store(status, Ordering::SeqCst);
+    }
+}

@@ -1,0 +1,208 @@
+//! Stock forwarding end to end: the simulator changes stock and notifies
+//! the daemon like Smaregi does; a test downstream checks each batch's
+//! signature and records what it gets.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use common::downstream::{Downstream, Log, DOWNSTREAM_SECRET};
+use common::smaregi::{simulator, ACCESS_TOKEN, CONTRACT_ID, TERMINAL};
+use common::{RunningDaemon, INTAKE_SECRET};
+use serde_json::{json, Value};
+use smaregi_sim::sender::Sender;
+use smaregi_sim::Simulator;
+
+fn stock_config(
+    dir: &Path,
+    sim: &Simulator,
+    downstream: &Downstream,
+    extra: &str,
+) -> std::path::PathBuf {
+    common::write_file(dir, "smaregi-token", ACCESS_TOKEN, 0o600);
+    common::write_file(dir, "downstream-secret", DOWNSTREAM_SECRET, 0o600);
+    common::write_config(
+        dir,
+        &format!(
+            "[smaregi]\nendpoint = \"{}\"\ncontract-id = \"{CONTRACT_ID}\"\n\
+             access-token = {{ file = \"smaregi-token\" }}\nterminal-id = \"{TERMINAL}\"\n\n\
+             [outbox]\nretry-schedule-seconds = [0, 1]\nretry-repeat-seconds = 1\n\n\
+             [stock]\n{extra}\n[stock.downstream]\nurl = \"{}\"\nsecret = {{ file = \"downstream-secret\" }}\n\
+             batch-size = 100\n",
+            sim.url(),
+            downstream.url()
+        ),
+    )
+}
+
+/// Sends a `stock_send` of `rows` to the daemon, as Smaregi's API送信 does.
+async fn notify(relay: &RunningDaemon, rows: Value) {
+    let sender = Sender::new(Some(&relay.certificate())).unwrap();
+    let params = json!({"data": [{"table_name": "Stock", "rows": rows}]});
+    let (status, body) = sender
+        .send(
+            &relay.url("/smaregi/notify"),
+            "stock_send",
+            &params,
+            &[("relay_secret".into(), INTAKE_SECRET.into())],
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+}
+
+/// Waits until the downstream's log satisfies `done`.
+async fn until(downstream: &Downstream, done: impl Fn(&Log) -> bool) -> Log {
+    let mut log = downstream.log.clone();
+    let result = tokio::time::timeout(common::EVENT_DEADLINE, log.wait_for(|l| done(l))).await;
+    match result {
+        Ok(Ok(log)) => log.clone(),
+        _ => panic!(
+            "the downstream never got there: {:#?}",
+            downstream.log.borrow()
+        ),
+    }
+}
+
+fn simulator_stock(sim: &Simulator, store: &str) -> BTreeMap<(String, String), i64> {
+    sim.contract().stock[store]
+        .iter()
+        .map(|(product, stock)| ((store.to_owned(), product.clone()), stock.amount))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stocktake_reaches_the_downstream_with_smaregis_values_in_few_calls() {
+    let sim = simulator().await;
+    let downstream = Downstream::start().await;
+    let temp = tempfile::tempdir().unwrap();
+    let config = stock_config(temp.path(), &sim, &downstream, "");
+    let relay = RunningDaemon::start(temp.path(), &config);
+
+    // 1,500 products counted; the notification's own amounts are stale
+    // (Smaregi changed them again since) and every product appears twice.
+    let products = 1_500;
+    sim.with_contract(|c| {
+        for p in 0..products {
+            c.set_stock("1", &format!("{}", 8_000_000 + p), (p as i64 % 40) - 5, 0);
+        }
+    });
+    let rows: Vec<Value> = (0..products)
+        .flat_map(|p| {
+            let product = format!("{}", 8_000_000 + p);
+            [
+                json!({"storeId": "1", "productId": product, "stockAmount": "999", "stockDivision": "08"}),
+                json!({"storeId": "1", "productId": product, "stockAmount": "998", "stockDivision": "08"}),
+            ]
+        })
+        .collect();
+    let calls_before = sim.stats().calls;
+    notify(&relay, Value::Array(rows)).await;
+
+    let expected = simulator_stock(&sim, "1");
+    let log = until(&downstream, |log| log.latest() == expected).await;
+    assert_eq!(log.bad_signatures, 0);
+    assert_eq!(log.batches, 15, "1,500 products in batches of 100");
+    let calls = sim.stats().calls - calls_before;
+    assert!(calls <= 2, "{calls} stock_ref calls for 1,500 products");
+    assert!(
+        log.values.values().all(|values| values.len() == 1),
+        "each product sent once"
+    );
+    assert!(relay.stop().success());
+    sim.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_downstream_outage_each_product_gets_its_newest_value_never_an_older_one() {
+    let sim = simulator().await;
+    let downstream = Downstream::start().await;
+    let temp = tempfile::tempdir().unwrap();
+    let config = stock_config(temp.path(), &sim, &downstream, "");
+    let relay = RunningDaemon::start(temp.path(), &config);
+
+    downstream.answer(503);
+    for round in 0..5i64 {
+        sim.with_contract(|c| {
+            for p in ["101", "102", "103"] {
+                c.set_stock("1", p, 10 - round, round);
+            }
+        });
+        // As Smaregi sends them: each change carries its amounts, so no
+        // two are the same notification.
+        let rows: Vec<Value> = ["101", "102", "103"]
+            .iter()
+            .map(|p| json!({"storeId": "1", "productId": p, "amount": "-1", "stockAmount": (10 - round).to_string()}))
+            .collect();
+        notify(&relay, Value::Array(rows)).await;
+    }
+    // The downstream refused something, then comes back.
+    until(&downstream, |log| log.refused > 0).await;
+    downstream.answer(200);
+    let expected = simulator_stock(&sim, "1");
+    let log = until(&downstream, |log| log.latest() == expected).await;
+    for (product, values) in &log.values {
+        let times: Vec<_> = values.iter().map(|v| v.updated_at.clone()).collect();
+        assert!(
+            times.windows(2).all(|w| w[0] <= w[1]),
+            "{product:?} got an older value after a newer one: {values:?}"
+        );
+    }
+    assert!(relay.stop().success());
+    sim.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_rows_and_other_stores_are_skipped_and_the_rest_forwarded_with_the_clamp() {
+    let sim = simulator().await;
+    let downstream = Downstream::start().await;
+    let temp = tempfile::tempdir().unwrap();
+    let config = stock_config(temp.path(), &sim, &downstream, "stores = [\"1\"]");
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("batch-size = 100\n", "batch-size = 100\nclamp = \"cart\"\n");
+    std::fs::write(&config, text).unwrap();
+    let relay = RunningDaemon::start(temp.path(), &config);
+    sim.with_contract(|c| {
+        c.set_stock("1", "201", -4, 0);
+        c.set_stock("1", "202", 2_000_000, 0);
+        c.set_stock("2", "203", 7, 0);
+    });
+    notify(
+        &relay,
+        json!([
+            {"storeId": "1", "productId": "1234567890123456"},
+            {"storeId": "1", "productId": "201", "stockAmount": "lots"},
+            {"storeId": "1", "productId": "201"},
+            {"storeId": "1", "productId": "202"},
+            {"storeId": "2", "productId": "203"},
+        ]),
+    )
+    .await;
+    let log = until(&downstream, |log| log.values.len() == 2).await;
+    let latest = log.latest();
+    assert_eq!(
+        latest[&("1".into(), "201".into())],
+        0,
+        "negative stock becomes 0"
+    );
+    assert_eq!(
+        latest[&("1".into(), "202".into())],
+        999_999,
+        "capped for the cart"
+    );
+    assert!(
+        !latest.contains_key(&("2".into(), "203".into())),
+        "store 2 is not followed"
+    );
+    assert_eq!(
+        log.values[&("1".into(), "201".into())][0]
+            .external_code
+            .as_deref(),
+        Some("201"),
+        "identity mapping until a mapping is imported"
+    );
+    assert!(relay.stop().success());
+    sim.stop().await;
+}
