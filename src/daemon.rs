@@ -166,6 +166,7 @@ async fn serve(loaded: LoadedConfig) -> Result<(), DaemonError> {
             stock,
             engine.clone(),
             accepted,
+            Duration::from_secs(config.intake.retention_hours * 3600),
             shutdown.clone(),
         ));
     }

@@ -61,6 +61,8 @@ pub mod defaults {
     pub const MAX_BODY_BYTES: u64 = 16 * 1024 * 1024;
     /// The same `proc_name` and `params` again within this is a resend.
     pub const DEDUP_WINDOW_SECONDS: u64 = 600;
+    /// A week: long enough to look into what a notification said.
+    pub const INBOX_RETENTION_HOURS: u64 = 168;
     pub const NOTIFY_PATH: &str = "/smaregi/notify";
     pub const WEBHOOK_PATH: &str = "/smaregi/webhook";
     pub const SECRET_PARAMETER: &str = "relay_secret";
@@ -224,6 +226,9 @@ pub struct IntakeConfig {
     pub max_body_bytes: u64,
     #[serde(default = "default_dedup_window_seconds")]
     pub dedup_window_seconds: u64,
+    /// Processed notifications are kept this long, then pruned.
+    #[serde(default = "default_inbox_retention_hours")]
+    pub retention_hours: u64,
 }
 
 fn default_max_body_bytes() -> u64 {
@@ -232,6 +237,10 @@ fn default_max_body_bytes() -> u64 {
 
 fn default_dedup_window_seconds() -> u64 {
     defaults::DEDUP_WINDOW_SECONDS
+}
+
+fn default_inbox_retention_hours() -> u64 {
+    defaults::INBOX_RETENTION_HOURS
 }
 
 fn default_notify_path() -> String {

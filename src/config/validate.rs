@@ -167,6 +167,16 @@ impl Validate for IntakeConfig {
                 self.dedup_window_seconds
             ),
         );
+        check(
+            problems,
+            (1..=24 * 365).contains(&self.retention_hours)
+                && self.retention_hours * 3600 >= self.dedup_window_seconds,
+            &["intake", "retention-hours"],
+            format!(
+                "{} is out of range: use 1 to 8760, and no less than the dedup window",
+                self.retention_hours
+            ),
+        );
         for (key, path) in [
             (&["intake", "notify-path"][..], &self.notify_path),
             (&["intake", "webhook-path"][..], &self.webhook_path),

@@ -198,6 +198,45 @@ impl Inbox {
         Ok(())
     }
 
+    /// Removes processed entries received before `before` (Unix ms), oldest
+    /// first, at most `limit`; with each its body, and its dedup record if
+    /// that still names it. Unprocessed and parked entries are never
+    /// removed. Returns how many were. Durable after a commit.
+    pub fn prune_processed(&self, before: u64, limit: usize) -> Result<usize, InboxError> {
+        let mut pruned = 0;
+        for item in self.tree.scan_prefix([ENTRY]) {
+            if pruned == limit {
+                break;
+            }
+            let (key, value) = self.store.check(item)?;
+            let entry: Entry = serde_json::from_slice(&value)
+                .map_err(|e| InboxError::Corrupt(format!("entry: {e}")))?;
+            // Sequence numbers grow with time: the rest are newer.
+            if entry.received_at >= before {
+                break;
+            }
+            if entry.state != EntryState::Processed {
+                continue;
+            }
+            let seq = crate::store::keys::decode_u64_key(&key[1..])
+                .map_err(|e| InboxError::Corrupt(format!("entry key: {e}")))?;
+            let mut batch = sled::Batch::default();
+            batch.remove(key);
+            for part in 0..entry.parts {
+                batch.remove(record(PART, &u64_pair_key(seq, u64::from(part))));
+            }
+            let seen_key = record(SEEN, entry.dedup_key.as_bytes());
+            if let Some(seen) = self.store.check(self.tree.get(&seen_key))? {
+                if decode_u64_pair_key(&seen).is_ok_and(|(latest, _)| latest == seq) {
+                    batch.remove(seen_key);
+                }
+            }
+            self.store.check(self.tree.apply_batch(batch))?;
+            pruned += 1;
+        }
+        Ok(pruned)
+    }
+
     pub fn entry(&self, seq: u64) -> Result<Option<Entry>, InboxError> {
         let bytes = self
             .store
@@ -294,6 +333,59 @@ mod tests {
             content_key("stock_send", "{}"),
             content_key("stock_sen", "d{}")
         );
+        store.close().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn only_processed_entries_past_their_time_are_pruned_with_their_parts() {
+        let temp = tempfile::tempdir().unwrap();
+        let store = Store::open(&crate::store::StoreOptions {
+            directory: temp.path().to_owned(),
+            cache_capacity_bytes: 8 << 20,
+        })
+        .unwrap();
+        let inbox = Inbox::open(&store).unwrap();
+        let body = vec![7u8; MAX_PART_BYTES + 1];
+        let mut seqs = Vec::new();
+        for (i, now) in [100, 200, 300, 400].into_iter().enumerate() {
+            let key = format!("k{i}");
+            let Accepted::New(seq) = inbox.accept(offer(&key, &body, now)).unwrap() else {
+                panic!("new");
+            };
+            seqs.push(seq);
+        }
+        // 0 and 2 processed, 1 parked, 3 processed but recent.
+        for &i in &[0usize, 2, 3] {
+            let entry = inbox.entry(seqs[i]).unwrap().unwrap();
+            inbox
+                .tree()
+                .transaction(|tx| Inbox::stage_processed(tx, seqs[i], &entry))
+                .unwrap();
+        }
+        let parked = inbox.entry(seqs[1]).unwrap().unwrap();
+        inbox.park(seqs[1], &parked, "test").unwrap();
+
+        assert_eq!(inbox.prune_processed(350, 100).unwrap(), 2);
+        assert!(inbox.entry(seqs[0]).unwrap().is_none());
+        assert!(
+            inbox.body(seqs[0]).unwrap().is_empty(),
+            "its parts went too"
+        );
+        assert!(inbox.entry(seqs[2]).unwrap().is_none());
+        let kept = inbox.entry(seqs[1]).unwrap().unwrap();
+        assert_eq!(kept.state, EntryState::Parked);
+        assert_eq!(kept.parked_reason.as_deref(), Some("test"));
+        assert_eq!(
+            inbox.body(seqs[3]).unwrap(),
+            body,
+            "recent entries stay whole"
+        );
+        assert!(inbox.unprocessed(10).unwrap().is_empty());
+        // Its dedup record went with it: the same content is new again.
+        assert!(matches!(
+            inbox.accept(offer("k0", &body, 360)).unwrap(),
+            Accepted::New(_)
+        ));
         store.close().await.unwrap();
     }
 }
