@@ -87,6 +87,18 @@ fn every_documented_key_of_the_example_is_accepted_when_uncommented() {
     );
     write_file(
         temp.path(),
+        "downstream-secret",
+        "downstream-0123456789abcdef",
+        0o600,
+    );
+    write_file(
+        temp.path(),
+        "downstream-ca.pem",
+        "-----BEGIN CERTIFICATE-----\n-----END CERTIFICATE-----\n",
+        0o644,
+    );
+    write_file(
+        temp.path(),
         "proxy-ca.pem",
         "-----BEGIN CERTIFICATE-----\n-----END CERTIFICATE-----\n",
         0o644,
@@ -104,6 +116,8 @@ fn every_documented_key_of_the_example_is_accepted_when_uncommented() {
         Some(temp.path().join("proxy-ca.pem").as_path())
     );
     assert_eq!(loaded.config.stock.stores, ["1", "2"]);
+    let downstream = loaded.config.stock.downstream.as_ref().expect("uncommented");
+    assert_eq!(downstream.secret.expose(), "downstream-0123456789abcdef");
     assert_eq!(
         loaded.config.orders.payment_methods.get("credit-card"),
         Some(&config::PaymentKind::Credit)
