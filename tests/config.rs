@@ -116,7 +116,12 @@ fn every_documented_key_of_the_example_is_accepted_when_uncommented() {
         Some(temp.path().join("proxy-ca.pem").as_path())
     );
     assert_eq!(loaded.config.stock.stores, ["1", "2"]);
-    let downstream = loaded.config.stock.downstream.as_ref().expect("uncommented");
+    let downstream = loaded
+        .config
+        .stock
+        .downstream
+        .as_ref()
+        .expect("uncommented");
     assert_eq!(downstream.secret.expose(), "downstream-0123456789abcdef");
     assert_eq!(
         loaded.config.orders.payment_methods.get("credit-card"),

@@ -578,26 +578,65 @@ impl Contract {
         if query.table != "Stock" {
             return Err(ApiError::unknown_table(&query.table));
         }
-        let rows: Vec<Row> = self
-            .stock
-            .iter()
-            .flat_map(|(store, products)| {
-                products
-                    .iter()
-                    .map(move |(product, stock)| (store, product, stock))
-            })
-            .map(|(store, product, stock)| {
-                Row::from([
-                    ("storeId".to_owned(), store.clone()),
-                    ("productId".to_owned(), product.clone()),
-                    ("stockAmount".to_owned(), stock.amount.to_string()),
-                    ("layawayStockAmount".to_owned(), stock.layaway.to_string()),
-                    ("updDateTime".to_owned(), stock.updated.clone()),
-                ])
-            })
-            .filter(|row| query.conditions.is_empty() || query.matches(row))
-            .collect();
+        // Smaregi answers look-ups of named products from an index; so does
+        // the simulator, in the order a scan would give.
+        let rows: Vec<Row> = match query.exact_stock_keys() {
+            Some(keys) => keys
+                .into_iter()
+                .filter_map(|(store, product)| {
+                    let stock = self.stock.get(store)?.get(product)?;
+                    Some(stock_row(store, product, stock))
+                })
+                .collect(),
+            None => self
+                .stock
+                .iter()
+                .flat_map(|(store, products)| {
+                    products
+                        .iter()
+                        .map(move |(product, stock)| (store, product, stock))
+                })
+                .map(|(store, product, stock)| stock_row(store, product, stock))
+                .filter(|row| query.conditions.is_empty() || query.matches(row))
+                .collect(),
+        };
         Ok(query.page(rows.iter()))
+    }
+}
+
+fn stock_row(store: &str, product: &str, stock: &Stock) -> Row {
+    Row::from([
+        ("storeId".to_owned(), store.to_owned()),
+        ("productId".to_owned(), product.to_owned()),
+        ("stockAmount".to_owned(), stock.amount.to_string()),
+        ("layawayStockAmount".to_owned(), stock.layaway.to_string()),
+        ("updDateTime".to_owned(), stock.updated.clone()),
+    ])
+}
+
+impl Query {
+    /// The (store, product) pairs, sorted and unique, when every condition
+    /// group is exactly `storeId` = … and `productId` = ….
+    fn exact_stock_keys(&self) -> Option<Vec<(&str, &str)>> {
+        if self.conditions.is_empty() {
+            return None;
+        }
+        let mut keys = Vec::with_capacity(self.conditions.len());
+        for group in &self.conditions {
+            let [a, b] = group.as_slice() else {
+                return None;
+            };
+            let field = |name: &str| {
+                [a, b]
+                    .into_iter()
+                    .find(|c| c.field == name && c.operator == Operator::Eq)
+                    .map(|c| c.value.as_str())
+            };
+            keys.push((field("storeId")?, field("productId")?));
+        }
+        keys.sort_unstable();
+        keys.dedup();
+        Some(keys)
     }
 }
 
