@@ -29,13 +29,13 @@ use crate::config::{self, Config, ConfigError, LoadedConfig};
 use crate::intake::cert::{
     self, CertError, CertificateFiles, CertificateResolver, Reload, Reloader,
 };
-use crate::intake::server;
+use crate::intake::server::{self, Services};
 use crate::orders::{self, build::BuildSettings, Catalog, IdentityCatalog, OrderApi, OrderBook};
 use crate::outbox::engine::{Engine, EngineBuilder, EngineError};
 use crate::smaregi::client::{ClientError, SmaregiClient};
 use crate::smaregi::executor::TransactionExecutor;
 use crate::smaregi::ledger::Ledger;
-use crate::stock::{self, StockBook};
+use crate::stock::{self, StockApi, StockBook};
 use crate::store::{Store, StoreError, StoreOptions};
 use crate::telemetry::{self, TelemetryError};
 
@@ -134,8 +134,18 @@ async fn serve(loaded: LoadedConfig) -> Result<(), DaemonError> {
         let catalog: Arc<dyn Catalog> = Arc::new(IdentityCatalog);
         let stock = StockBook::open(&store, &config.stock)?;
         let engine = outbox_engine(&store, &config, &stock, Arc::clone(&catalog))?;
-        let orders = order_api(&engine, &config, catalog)?;
-        let listener = intake_listener(&store, &config, orders, Arc::clone(&accepted)).await?;
+        let services = Services {
+            orders: order_api(&engine, &config, Arc::clone(&catalog))?,
+            stock: config.stock.api_token.as_ref().map(|token| {
+                Arc::new(StockApi::new(
+                    stock.clone(),
+                    SecretString::from(token.expose().to_owned()),
+                    catalog,
+                ))
+            }),
+            accepted: Arc::clone(&accepted),
+        };
+        let listener = intake_listener(&store, &config, services).await?;
         Ok::<_, DaemonError>((engine, stock, listener))
     };
     let (engine, stock, (listener, reloader)) = match started.await {
@@ -222,8 +232,7 @@ async fn serve(loaded: LoadedConfig) -> Result<(), DaemonError> {
 async fn intake_listener(
     store: &Store,
     config: &Config,
-    orders: Option<Arc<OrderApi>>,
-    accepted: Arc<Notify>,
+    services: Services,
 ) -> Result<(server::Listener, Reloader), DaemonError> {
     let files = CertificateFiles::new(
         config.listener.tls_certificate.as_deref(),
@@ -251,8 +260,7 @@ async fn intake_listener(
         contract_id,
         tls,
         store,
-        orders,
-        accepted,
+        services,
     )
     .await
     .map_err(|source| DaemonError::Listen {

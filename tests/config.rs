@@ -87,6 +87,12 @@ fn every_documented_key_of_the_example_is_accepted_when_uncommented() {
     );
     write_file(
         temp.path(),
+        "stock-api-token",
+        "stock-0123456789abcdef",
+        0o600,
+    );
+    write_file(
+        temp.path(),
         "downstream-secret",
         "downstream-0123456789abcdef",
         0o600,

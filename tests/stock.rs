@@ -14,6 +14,8 @@ use serde_json::{json, Value};
 use smaregi_sim::sender::Sender;
 use smaregi_sim::Simulator;
 
+const STOCK_TOKEN: &str = "stock-api-token-0123456789";
+
 fn stock_config(
     dir: &Path,
     sim: &Simulator,
@@ -158,7 +160,13 @@ async fn bad_rows_and_other_stores_are_skipped_and_the_rest_forwarded_with_the_c
     let sim = simulator().await;
     let downstream = Downstream::start().await;
     let temp = tempfile::tempdir().unwrap();
-    let config = stock_config(temp.path(), &sim, &downstream, "stores = [\"1\"]");
+    common::write_file(temp.path(), "stock-token", STOCK_TOKEN, 0o600);
+    let config = stock_config(
+        temp.path(),
+        &sim,
+        &downstream,
+        "stores = [\"1\"]\napi-token = { file = \"stock-token\" }",
+    );
     let text = std::fs::read_to_string(&config)
         .unwrap()
         .replace("batch-size = 100\n", "batch-size = 100\nclamp = \"cart\"\n");
@@ -202,6 +210,41 @@ async fn bad_rows_and_other_stores_are_skipped_and_the_rest_forwarded_with_the_c
             .as_deref(),
         Some("201"),
         "identity mapping until a mapping is imported"
+    );
+
+    // The read API answers from the mirror: the true value, not clamped.
+    let http = smaregi_sim::sender::http_client(Some(&relay.certificate())).unwrap();
+    let get = |query: &str, token: Option<&str>| {
+        let mut request = http.get(relay.url(&format!("/api/v1/stock?{query}")));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        async move {
+            let response = request.send().await.unwrap();
+            let status = response.status().as_u16();
+            let text = response.text().await.unwrap();
+            (status, serde_json::from_str::<Value>(&text).unwrap())
+        }
+    };
+    let (status, body) = get("smaregi_product_id=201&store_id=1", Some(STOCK_TOKEN)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["stores"][0]["stock"], -4);
+    let (status, body) = get("external_code=202", Some(STOCK_TOKEN)).await;
+    assert_eq!(
+        (status, body["stores"][0]["stock"].clone()),
+        (200, json!(2_000_000))
+    );
+    assert_eq!(get("external_code=202", None).await.0, 401);
+    assert_eq!(
+        get("smaregi_product_id=203", Some(STOCK_TOKEN)).await.0,
+        404
+    );
+    assert_eq!(get("colour=red", Some(STOCK_TOKEN)).await.0, 400);
+    assert_eq!(
+        get("smaregi_product_id=1234567890123456", Some(STOCK_TOKEN))
+            .await
+            .0,
+        400
     );
     assert!(relay.stop().success());
     sim.stop().await;

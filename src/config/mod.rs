@@ -408,6 +408,8 @@ pub struct StockConfig {
     pub source: StockSource,
     /// The store's EC side, which receives stock; nothing is forwarded without it.
     pub downstream: Option<DownstreamConfig>,
+    /// Bearer token of the stock read API; the API is off without it.
+    pub api_token: Option<Secret>,
 }
 
 /// Where the stock amount comes from.
@@ -826,11 +828,10 @@ impl Section for OutboxConfig {}
 impl Section for MappingConfig {}
 impl Section for StockConfig {
     fn secrets_mut(&mut self) -> Vec<(&'static [&'static str], &mut Secret)> {
-        self.downstream
-            .as_mut()
-            .map(|d| (&["stock", "downstream", "secret"][..], &mut d.secret))
-            .into_iter()
-            .collect()
+        let downstream = (self.downstream.as_mut())
+            .map(|d| (&["stock", "downstream", "secret"][..], &mut d.secret));
+        let token = (self.api_token.as_mut()).map(|t| (&["stock", "api-token"][..], t));
+        downstream.into_iter().chain(token).collect()
     }
 
     fn files(&self) -> Vec<(&'static [&'static str], &Path, bool)> {

@@ -31,6 +31,7 @@ use super::inbox::{self, Accepted, Inbox, Offer, Route};
 use crate::config::{IntakeConfig, ListenerConfig};
 use crate::orders::OrderApi;
 use crate::outbox::retry::unix_millis;
+use crate::stock::StockApi;
 use crate::store::Store;
 
 /// Headers larger than this are refused (431) by hyper.
@@ -130,10 +131,19 @@ struct Handler {
     max_body_bytes: u64,
     body_timeout: Duration,
     dedup_window_ms: u64,
+    services: Services,
+}
+
+/// What the listener serves besides Smaregi's notifications, and whom it
+/// tells of them.
+#[derive(Clone, Default)]
+pub struct Services {
     /// The order API, when `[orders]` turns it on.
-    orders: Option<Arc<OrderApi>>,
+    pub orders: Option<Arc<OrderApi>>,
+    /// The stock read API, when `[stock] api-token` turns it on.
+    pub stock: Option<Arc<StockApi>>,
     /// Told after each new notification is committed.
-    accepted: Arc<Notify>,
+    pub accepted: Arc<Notify>,
 }
 
 /// The bound listener, before it serves.
@@ -159,8 +169,7 @@ pub async fn bind(
     contract_id: Option<&str>,
     tls: rustls::ServerConfig,
     store: &Store,
-    orders: Option<Arc<OrderApi>>,
-    accepted: Arc<Notify>,
+    services: Services,
 ) -> std::io::Result<Listener> {
     let tcp = TcpListener::bind(listener.address).await?;
     let handler = Handler {
@@ -174,8 +183,7 @@ pub async fn bind(
         max_body_bytes: intake.max_body_bytes,
         body_timeout: Duration::from_secs(listener.body_timeout_seconds),
         dedup_window_ms: intake.dedup_window_seconds * 1000,
-        orders,
-        accepted,
+        services,
     };
     Ok(Listener {
         tcp,
@@ -291,8 +299,21 @@ pub(crate) async fn read_body(
 impl Handler {
     async fn handle(&self, request: Request<Incoming>) -> Response<Body> {
         let path = request.uri().path();
-        if let Some(orders) = self.orders.as_ref().filter(|_| OrderApi::serves(path)) {
+        if let Some(orders) = self
+            .services
+            .orders
+            .as_ref()
+            .filter(|_| OrderApi::serves(path))
+        {
             return orders.handle(request, self.body_timeout).await;
+        }
+        if let Some(stock) = self
+            .services
+            .stock
+            .as_ref()
+            .filter(|_| StockApi::serves(path))
+        {
+            return stock.handle(&request);
         }
         let route = if path == self.notify_path {
             Route::Notify
@@ -348,7 +369,7 @@ impl Handler {
         let kind = offer.kind;
         match accepted {
             Accepted::New(seq) => {
-                self.accepted.notify_one();
+                self.services.accepted.notify_one();
                 info!(
                     seq,
                     kind,

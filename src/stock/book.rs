@@ -243,6 +243,34 @@ impl StockBook {
         bytes.map(|b| decode(&b, "mirror")).transpose()
     }
 
+    /// `product`'s stock in `store`, or in every store the mirror knows it in.
+    pub fn product_everywhere(
+        &self,
+        product: &str,
+        store: Option<&str>,
+    ) -> Result<Vec<(String, Mirrored)>, StockError> {
+        if let Some(store) = store {
+            return Ok(self
+                .mirrored(store, product)?
+                .map(|m| (store.to_owned(), m))
+                .into_iter()
+                .collect());
+        }
+        // Keys lead with the store: a product across stores is a scan, of
+        // the mirror's keys only (a store's few thousand products).
+        let mut out = Vec::new();
+        for item in self.tree.scan_prefix([MIRROR]) {
+            let (key, value) = self.store.check(item)?;
+            let Some((store, found)) = split_pair(&key) else {
+                continue;
+            };
+            if found == product {
+                out.push((store, decode(&value, "mirror")?));
+            }
+        }
+        Ok(out)
+    }
+
     /// Every product of `store` in the mirror.
     pub fn mirror_of(&self, store: &str) -> Result<Vec<(String, Mirrored)>, StockError> {
         let mut prefix = store_key(MIRROR, store);
