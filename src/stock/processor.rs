@@ -49,7 +49,7 @@ pub async fn run(
         }
     };
     let mut next_prune = tokio::time::Instant::now();
-    loop {
+    while !shutdown.is_cancelled() {
         if tokio::time::Instant::now() >= next_prune {
             next_prune += PRUNE_INTERVAL;
             if let Err(e) = prune(&store, &inbox, retention).await {
