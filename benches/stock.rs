@@ -37,7 +37,7 @@ fn main() {
                 "[smaregi]\nendpoint = \"{}\"\ncontract-id = \"{CONTRACT_ID}\"\n\
                  access-token = {{ file = \"smaregi-token\" }}\nterminal-id = \"{TERMINAL}\"\n\n\
                  [outbox.rate-limit.smaregi]\nper-second = 1000.0\nburst = 1000\n\n\
-                 [stock.downstream]\nurl = \"{}\"\nsecret = {{ file = \"downstream-secret\" }}\n",
+                 [stock]\nbackfill-interval-minutes = 0\n\n[stock.downstream]\nurl = \"{}\"\nsecret = {{ file = \"downstream-secret\" }}\n",
                 sim.url(),
                 downstream.url()
             ),

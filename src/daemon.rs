@@ -171,6 +171,15 @@ async fn serve(loaded: LoadedConfig) -> Result<(), DaemonError> {
     // Refreshing stock needs Smaregi; until it is configured, notifications
     // wait in the inbox, unprocessed.
     if config.smaregi.is_some() {
+        if config.stock.backfill_interval_minutes > 0 {
+            tasks.spawn(stock::processor::schedule_backfill(
+                store.clone(),
+                stock.clone(),
+                engine.clone(),
+                Duration::from_secs(config.stock.backfill_interval_minutes * 60),
+                shutdown.clone(),
+            ));
+        }
         tasks.spawn(stock::processor::run(
             store.clone(),
             stock,

@@ -28,7 +28,7 @@ async fn inbox_bodies(state: &Path) -> Vec<String> {
     let store = Store::open(&common::store_options(&state.join("db"))).unwrap();
     let inbox = Inbox::open(&store).unwrap();
     let bodies = inbox
-        .unprocessed(usize::MAX)
+        .entries(usize::MAX)
         .unwrap()
         .into_iter()
         .map(|seq| String::from_utf8(inbox.body(seq).unwrap()).unwrap())
@@ -408,7 +408,7 @@ async fn platform_webhooks_for_our_contract_are_stored_once_per_event() {
     assert!(relay.stop().success());
     let store = Store::open(&common::store_options(&state.join("db"))).unwrap();
     let inbox = Inbox::open(&store).unwrap();
-    let stored = inbox.unprocessed(usize::MAX).unwrap();
+    let stored = inbox.entries(usize::MAX).unwrap();
     assert_eq!(stored.len(), 1);
     let entry = inbox.entry(stored[0]).unwrap().unwrap();
     assert_eq!(

@@ -91,7 +91,7 @@ async fn kill_cycles(cycles: usize) {
     let store = Store::open(&common::store_options(&temp.path().join("state/db"))).unwrap();
     let inbox = Inbox::open(&store).unwrap();
     let mut stored = HashSet::new();
-    for seq in inbox.unprocessed(usize::MAX).unwrap() {
+    for seq in inbox.entries(usize::MAX).unwrap() {
         let body = inbox.body(seq).unwrap();
         let fields: Vec<(String, String)> = form_urlencoded::parse(&body).into_owned().collect();
         let params = &fields.iter().find(|(k, _)| k == "params").unwrap().1;

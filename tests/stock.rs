@@ -16,12 +16,19 @@ use smaregi_sim::Simulator;
 
 const STOCK_TOKEN: &str = "stock-api-token-0123456789";
 
+/// A daemon config with a downstream; back-fill off unless `extra` sets
+/// it, so that the Smaregi calls a test counts are its notices' own.
 fn stock_config(
     dir: &Path,
     sim: &Simulator,
     downstream: &Downstream,
     extra: &str,
 ) -> std::path::PathBuf {
+    let extra = if extra.contains("backfill-interval-minutes") {
+        extra.to_owned()
+    } else {
+        format!("backfill-interval-minutes = 0\n{extra}")
+    };
     common::write_file(dir, "smaregi-token", ACCESS_TOKEN, 0o600);
     common::write_file(dir, "downstream-secret", DOWNSTREAM_SECRET, 0o600);
     common::write_config(
@@ -52,6 +59,22 @@ async fn notify(relay: &RunningDaemon, rows: Value) {
         .await
         .unwrap();
     assert_eq!(status, 200, "{body}");
+}
+
+/// How many jobs of `kind` the stopped daemon's outbox holds, any state.
+async fn jobs_of(state: &Path, kind: &str) -> usize {
+    let store =
+        smaregi_relay::store::Store::open(&common::store_options(&state.join("db"))).unwrap();
+    let queue = smaregi_relay::outbox::queue::Queue::open(&store).unwrap();
+    let jobs = queue
+        .list(&smaregi_relay::outbox::queue::ListFilter {
+            kind: Some(kind.to_owned()),
+            limit: 10_000,
+            ..Default::default()
+        })
+        .unwrap();
+    store.close().await.unwrap();
+    jobs.len()
 }
 
 /// Waits until the downstream's log satisfies `done`.
@@ -247,5 +270,69 @@ async fn bad_rows_and_other_stores_are_skipped_and_the_rest_forwarded_with_the_c
         400
     );
     assert!(relay.stop().success());
+    sim.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_made_while_the_daemon_was_down_are_back_filled_once() {
+    let sim = simulator().await;
+    let downstream = Downstream::start().await;
+    let temp = tempfile::tempdir().unwrap();
+    let config = stock_config(
+        temp.path(),
+        &sim,
+        &downstream,
+        "backfill-interval-minutes = 60",
+    );
+    let relay = RunningDaemon::start(temp.path(), &config);
+    assert!(relay.stop().success());
+
+    // Sales and corrections while the relay is down: no notification
+    // reaches it.
+    sim.with_contract(|c| {
+        for (i, p) in ["301", "302", "303"].iter().enumerate() {
+            c.set_stock("1", p, 10 * (i as i64 + 1), 100);
+            c.set_stock("1", p, 10 * (i as i64 + 1) - 3, 200);
+        }
+    });
+    let expected = simulator_stock(&sim, "1");
+
+    let life = temp.path().join("second-life");
+    std::fs::create_dir(&life).unwrap();
+    let relay = RunningDaemon::ready(common::Daemon::start(&life, &config), &config);
+    let log = until(&downstream, |log| log.latest() == expected).await;
+    assert!(
+        log.values.values().all(|values| values.len() == 1),
+        "{log:?}"
+    );
+    let state = relay.state.clone();
+    assert!(relay.stop().success());
+    let refreshes_before = jobs_of(&state, "stock.refresh").await;
+    assert!(refreshes_before > 0, "the back-fill refreshed");
+
+    // Started again with nothing new: the history is read past the
+    // cursor, nothing is refreshed or sent again.
+    let calls = sim.stats().calls;
+    let life = temp.path().join("third-life");
+    std::fs::create_dir(&life).unwrap();
+    let relay = RunningDaemon::ready(common::Daemon::start(&life, &config), &config);
+    let mut calls_seen = sim.calls();
+    tokio::time::timeout(common::EVENT_DEADLINE, calls_seen.wait_for(|&n| n > calls))
+        .await
+        .unwrap()
+        .unwrap();
+    // A stop lets the attempt in flight finish and records it.
+    assert!(relay.stop().success());
+    assert_eq!(jobs_of(&state, "stock.refresh").await, refreshes_before);
+    assert_eq!(
+        sim.stats().calls - calls,
+        1,
+        "one StockHistory read, no refresh"
+    );
+    assert_eq!(
+        downstream.log.borrow().batches,
+        log.batches,
+        "nothing sent again"
+    );
     sim.stop().await;
 }

@@ -98,6 +98,21 @@ pub struct Stock {
     pub updated: String,
 }
 
+/// One row of `StockHistory`: a change of one product's stock.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StockChange {
+    pub id: u64,
+    pub store: String,
+    pub product: String,
+    /// The change, signed.
+    pub amount: i64,
+    /// The stock after it.
+    pub stock_amount: i64,
+    /// 在庫区分 (SMAREGI.md §2): "01" 修正, "02" 売上, "12" 返品, …
+    pub division: String,
+    pub updated: String,
+}
+
 /// Everything one contract holds.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Contract {
@@ -105,6 +120,9 @@ pub struct Contract {
     /// storeId → productId → stock.
     pub stock: BTreeMap<String, BTreeMap<String, Stock>>,
     pub next_transaction_id: u64,
+    /// Every stock change, oldest first (`StockHistory`).
+    #[serde(default)]
+    pub stock_history: Vec<StockChange>,
     /// (terminalId, terminalTranId) → transaction ids, so that a look-up
     /// by terminal transaction does not scan every transaction (Smaregi
     /// answers those in constant time too). Derived: rebuilt by
@@ -165,11 +183,28 @@ impl Contract {
         }
     }
 
-    /// Sets a product's stock, as a stocktake would.
+    /// Sets a product's stock, as a correction (修正) in the back office would.
     pub fn set_stock(&mut self, store: &str, product: &str, amount: i64, now: i64) {
+        let before = self.stock_entry(store, product).amount;
+        self.change_stock(store, product, amount - before, "01", now);
+    }
+
+    /// Changes a product's stock by `change` and records it in the history.
+    fn change_stock(&mut self, store: &str, product: &str, change: i64, division: &str, now: i64) {
         let stock = self.stock_entry(store, product);
-        stock.amount = amount;
+        stock.amount += change;
         stock.updated = time::format(now);
+        let stock_amount = stock.amount;
+        let id = self.stock_history.last().map_or(1, |last| last.id + 1);
+        self.stock_history.push(StockChange {
+            id,
+            store: store.to_owned(),
+            product: product.to_owned(),
+            amount: change,
+            stock_amount,
+            division: division.to_owned(),
+            updated: time::format(now),
+        });
     }
 
     fn stock_entry(&mut self, store: &str, product: &str) -> &mut Stock {
@@ -271,9 +306,8 @@ impl Contract {
                 } else {
                     -quantity
                 };
-                let stock = self.stock_entry(&store, product);
-                stock.amount += change;
-                stock.updated = time::format(now);
+                let division = if change > 0 { "12" } else { "02" };
+                self.change_stock(&store, &product.clone(), change, division, now);
             }
         }
         let detail_count = details.len();
@@ -339,9 +373,7 @@ impl Contract {
                 })
                 .collect();
             for (product, back) in moves {
-                let stock = self.stock_entry(&store, &product);
-                stock.amount += back;
-                stock.updated = time::format(now);
+                self.change_stock(&store, &product, back, "12", now);
             }
         }
         Ok(json!({"result": {"TransactionHead": 1, "TransactionHeadIds": [id.to_string()]}}))
@@ -575,6 +607,25 @@ impl Contract {
 
     fn stock_ref(&self, params: &Map<String, Value>) -> Result<Value, ApiError> {
         let query = Query::parse(params)?;
+        if query.table == "StockHistory" {
+            let rows: Vec<Row> = self
+                .stock_history
+                .iter()
+                .map(|change| {
+                    Row::from([
+                        ("stockHistoryId".to_owned(), change.id.to_string()),
+                        ("storeId".to_owned(), change.store.clone()),
+                        ("productId".to_owned(), change.product.clone()),
+                        ("amount".to_owned(), change.amount.to_string()),
+                        ("stockAmount".to_owned(), change.stock_amount.to_string()),
+                        ("stockDivision".to_owned(), change.division.clone()),
+                        ("updDateTime".to_owned(), change.updated.clone()),
+                    ])
+                })
+                .filter(|row| query.conditions.is_empty() || query.matches(row))
+                .collect();
+            return Ok(query.page(rows.iter()));
+        }
         if query.table != "Stock" {
             return Err(ApiError::unknown_table(&query.table));
         }

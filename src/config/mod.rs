@@ -73,6 +73,8 @@ pub mod defaults {
     pub const SMAREGI_REQUEST_TIMEOUT_SECONDS: u64 = 30;
     /// How far around a transaction's own time a look-up searches.
     pub const SMAREGI_LOOKUP_WINDOW_HOURS: u64 = 24;
+    /// Stock history is read this often for missed notifications.
+    pub const BACKFILL_INTERVAL_MINUTES: u64 = 15;
     /// Products per downstream stock batch.
     pub const DOWNSTREAM_BATCH_SIZE: u32 = 500;
     pub const DOWNSTREAM_REQUEST_TIMEOUT_SECONDS: u64 = 30;
@@ -399,7 +401,7 @@ pub enum MappingFallback {
 }
 
 /// `[stock]`: forwarding stock changes.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
 pub struct StockConfig {
     /// Smaregi store ids (店舗ID) to follow; empty means all.
@@ -410,6 +412,21 @@ pub struct StockConfig {
     pub downstream: Option<DownstreamConfig>,
     /// Bearer token of the stock read API; the API is off without it.
     pub api_token: Option<Secret>,
+    /// How often Smaregi's stock history is read for changes whose
+    /// notifications never arrived (also at start-up); 0 turns it off.
+    pub backfill_interval_minutes: u64,
+}
+
+impl Default for StockConfig {
+    fn default() -> Self {
+        Self {
+            stores: Vec::new(),
+            source: StockSource::default(),
+            downstream: None,
+            api_token: None,
+            backfill_interval_minutes: defaults::BACKFILL_INTERVAL_MINUTES,
+        }
+    }
 }
 
 /// Where the stock amount comes from.

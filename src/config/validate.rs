@@ -337,6 +337,15 @@ impl Validate for StockConfig {
                 format!("store `{store}` is listed twice"),
             );
         }
+        check(
+            problems,
+            self.backfill_interval_minutes <= 24 * 60,
+            &["stock", "backfill-interval-minutes"],
+            format!(
+                "{} is out of range: use 0 (off) to 1440",
+                self.backfill_interval_minutes
+            ),
+        );
         if let Some(downstream) = &self.downstream {
             if let Err(message) = check_endpoint(&downstream.url) {
                 problems.push(problem(&["stock", "downstream", "url"], message));

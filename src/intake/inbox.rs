@@ -259,6 +259,19 @@ impl Inbox {
         Ok(body)
     }
 
+    /// Every stored entry, whatever its state, oldest first.
+    pub fn entries(&self, limit: usize) -> Result<Vec<u64>, InboxError> {
+        self.tree
+            .scan_prefix([ENTRY])
+            .take(limit)
+            .map(|entry| {
+                let (key, _) = self.store.check(entry)?;
+                crate::store::keys::decode_u64_key(&key[1..])
+                    .map_err(|e| InboxError::Corrupt(format!("entry key: {e}")))
+            })
+            .collect()
+    }
+
     /// Entries not yet processed, oldest first.
     pub fn unprocessed(&self, limit: usize) -> Result<Vec<u64>, InboxError> {
         self.tree

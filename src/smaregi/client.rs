@@ -199,6 +199,41 @@ impl SmaregiClient {
         }
         Ok(stock)
     }
+
+    /// Up to `limit` stock changes (`StockHistory`) after change `after`,
+    /// in id order: (id, store, product).
+    pub async fn stock_history(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, String, String)>, CallError> {
+        let params = json!({
+            "table_name": "StockHistory",
+            "fields": ["stockHistoryId", "storeId", "productId"],
+            "conditions": [{"stockHistoryId >": after.to_string()}],
+            "limit": limit,
+            "page": 1,
+        });
+        let (_, rows) = api::rows(&self.call("stock_ref", &params).await?)?;
+        let mut changes = Vec::with_capacity(rows.len());
+        for row in rows {
+            let field = |name: &str| {
+                row.get(name).cloned().ok_or_else(|| CallError::Malformed {
+                    problem: format!("a StockHistory row has no {name}"),
+                    snippet: api::snippet(format!("{row:?}").as_bytes(), &[]),
+                })
+            };
+            let id = field("stockHistoryId")?;
+            let id = id.parse().map_err(|_| CallError::Malformed {
+                problem: format!("stockHistoryId {id:?} is not a number"),
+                snippet: api::snippet(format!("{row:?}").as_bytes(), &[]),
+            })?;
+            changes.push((id, field("storeId")?, field("productId")?));
+        }
+        // Smaregi's order is not documented: sort, so the cursor only moves forward.
+        changes.sort();
+        Ok(changes)
+    }
 }
 
 fn stock_row(row: &Row) -> Result<StockRow, CallError> {

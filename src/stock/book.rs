@@ -8,6 +8,8 @@
 //! | `M` store `␀` product | [`Mirrored`] | the stock as last learned, with Smaregi's time |
 //! | `O` store `␀` product | stamp | the mirror's value must reach the downstream |
 //! | `W` | job id | a push job is waiting to start |
+//! | `B` | job id | a back-fill job is waiting to start |
+//! | `C` | change id | the last `StockHistory` change back-filled |
 //!
 //! Coalescing: a notification only marks products dirty; it stages a
 //! refresh job for a store only when none is waiting. A refresh takes
@@ -35,7 +37,7 @@ use sled::transaction::{
 };
 use tracing::{info, warn};
 
-use super::notice::{read_notice, StockNotice};
+use super::notice::{read_notice, StockHint, StockNotice};
 use super::sign;
 use crate::config::{Clamp, DownstreamConfig, StockConfig, StockSource};
 use crate::intake::inbox::{Entry, Inbox, InboxError};
@@ -59,6 +61,12 @@ const REFRESH_WAITING: u8 = b'J';
 const MIRROR: u8 = b'M';
 const OUTGOING: u8 = b'O';
 const PUSH_WAITING: &[u8] = b"W";
+const BACKFILL_WAITING: &[u8] = b"B";
+const BACKFILL_CURSOR: &[u8] = b"C";
+pub const BACKFILL_KIND: &str = "stock.backfill";
+pub const BACKFILL_KEY: &str = "stock-backfill";
+/// `StockHistory` rows read per back-fill call.
+pub const BACKFILL_PAGE: usize = 1000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StockError {
@@ -116,6 +124,12 @@ fn store_key(tag: u8, store: &str) -> Vec<u8> {
     let mut key = vec![tag];
     key.extend_from_slice(store.as_bytes());
     key
+}
+
+/// Ids for staging hints: a stamp each, a refresh job per store.
+struct HintIds {
+    stamps: Vec<u64>,
+    refresh_jobs: Vec<(String, u64)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -179,50 +193,153 @@ impl StockBook {
         for skipped in &notice.skipped {
             warn!(seq, row = skipped.row, reason = %skipped.reason, "stock: notification row skipped");
         }
-        let mut stores: Vec<&str> = notice.hints.iter().map(|h| h.store_id.as_str()).collect();
-        stores.sort_unstable();
-        stores.dedup();
-        let mut ids = Vec::with_capacity(stores.len());
-        let mut stamps = Vec::with_capacity(notice.hints.len());
-        for _ in &stores {
-            ids.push(self.store.generate_id()?);
-        }
-        for _ in &notice.hints {
-            stamps.push(self.store.generate_id()?);
-        }
+        let ids = self.ids_for(&notice.hints)?;
         let now = unix_millis(std::time::SystemTime::now());
         let result = (inbox.tree(), &self.tree, self.queue.tree()).transaction(
             |(inbox_tx, stock, outbox)| {
-                for (hint, stamp) in notice.hints.iter().zip(&stamps) {
-                    let dirty = Dirty {
-                        stamp: *stamp,
-                        amount: hint.amount,
-                        updated_at: hint.updated_at.clone(),
-                    };
-                    stock.insert(
-                        pair_key(DIRTY, &hint.store_id, &hint.product_id),
-                        serde_json::to_vec(&dirty).expect("serialises"),
-                    )?;
-                }
-                for (store_id, job_id) in stores.iter().zip(&ids) {
-                    if stock.get(store_key(REFRESH_WAITING, store_id))?.is_some() {
-                        continue;
-                    }
-                    let job = NewJob {
-                        kind: REFRESH_KIND.into(),
-                        upstream: crate::smaregi::jobs::UPSTREAM.into(),
-                        key: format!("stock-refresh:{store_id}"),
-                        payload: json!({"v": 1, "store": store_id}),
-                    };
-                    widen_abort(Queue::stage(outbox, *job_id, &job, now))?;
-                    stock.insert(store_key(REFRESH_WAITING, store_id), &job_id.to_be_bytes())?;
-                }
+                self.stage_hints(stock, outbox, &notice.hints, &ids, now)?;
                 widen_abort(Inbox::stage_processed(inbox_tx, seq, entry))?;
                 Ok(())
             },
         );
         self.finish(result)?;
         Ok(notice)
+    }
+
+    /// The ids staging `hints` needs, taken before its transaction.
+    fn ids_for(&self, hints: &[StockHint]) -> Result<HintIds, StockError> {
+        let mut stores: Vec<String> = hints.iter().map(|h| h.store_id.clone()).collect();
+        stores.sort_unstable();
+        stores.dedup();
+        let mut refresh_jobs = Vec::with_capacity(stores.len());
+        for store in stores {
+            refresh_jobs.push((store, self.store.generate_id()?));
+        }
+        let mut stamps = Vec::with_capacity(hints.len());
+        for _ in hints {
+            stamps.push(self.store.generate_id()?);
+        }
+        Ok(HintIds {
+            stamps,
+            refresh_jobs,
+        })
+    }
+
+    /// Marks the hinted products dirty and stages a refresh job for each
+    /// of their stores that has none waiting, inside the caller's transaction.
+    fn stage_hints(
+        &self,
+        stock: &TransactionalTree,
+        outbox: &TransactionalTree,
+        hints: &[StockHint],
+        ids: &HintIds,
+        now: u64,
+    ) -> TxResult<()> {
+        for (hint, stamp) in hints.iter().zip(&ids.stamps) {
+            let dirty = Dirty {
+                stamp: *stamp,
+                amount: hint.amount,
+                updated_at: hint.updated_at.clone(),
+            };
+            stock.insert(
+                pair_key(DIRTY, &hint.store_id, &hint.product_id),
+                serde_json::to_vec(&dirty).expect("serialises"),
+            )?;
+        }
+        for (store_id, job_id) in &ids.refresh_jobs {
+            if stock.get(store_key(REFRESH_WAITING, store_id))?.is_some() {
+                continue;
+            }
+            let job = NewJob {
+                kind: REFRESH_KIND.into(),
+                upstream: crate::smaregi::jobs::UPSTREAM.into(),
+                key: format!("stock-refresh:{store_id}"),
+                payload: json!({"v": 1, "store": store_id}),
+            };
+            widen_abort(Queue::stage(outbox, *job_id, &job, now))?;
+            stock.insert(store_key(REFRESH_WAITING, store_id), &job_id.to_be_bytes())?;
+        }
+        Ok(())
+    }
+
+    /// Stages a back-fill unless one is waiting; durable after a commit.
+    pub fn stage_backfill(&self) -> Result<(), StockError> {
+        let job_id = self.store.generate_id()?;
+        let now = unix_millis(std::time::SystemTime::now());
+        let result = (&self.tree, self.queue.tree()).transaction(|(stock, outbox)| {
+            if stock.get(BACKFILL_WAITING)?.is_none() {
+                self.stage_backfill_in(stock, outbox, job_id, now)?;
+            }
+            Ok(())
+        });
+        self.finish(result)
+    }
+
+    fn stage_backfill_in(
+        &self,
+        stock: &TransactionalTree,
+        outbox: &TransactionalTree,
+        job_id: u64,
+        now: u64,
+    ) -> TxResult<()> {
+        let job = NewJob {
+            kind: BACKFILL_KIND.into(),
+            upstream: crate::smaregi::jobs::UPSTREAM.into(),
+            key: BACKFILL_KEY.into(),
+            payload: json!({"v": 1}),
+        };
+        widen_abort(Queue::stage(outbox, job_id, &job, now))?;
+        stock.insert(BACKFILL_WAITING, &job_id.to_be_bytes())?;
+        Ok(())
+    }
+
+    /// The id of the last `StockHistory` change back-filled.
+    pub fn backfill_cursor(&self) -> Result<u64, StockError> {
+        let bytes = self.store.check(self.tree.get(BACKFILL_CURSOR))?;
+        bytes
+            .map(|b| {
+                b.as_ref()
+                    .try_into()
+                    .map(u64::from_be_bytes)
+                    .map_err(|_| StockError::Corrupt("back-fill cursor".into()))
+            })
+            .transpose()
+            .map(Option::unwrap_or_default)
+    }
+
+    /// Records a page of back-filled changes: their products become dirty
+    /// (refresh jobs staged), the cursor moves past them, and another
+    /// back-fill is staged if the page was full. One transaction.
+    fn record_backfill(
+        &self,
+        changes: &[(u64, String, String)],
+        full_page: bool,
+        next_job_id: u64,
+    ) -> Result<(), StockError> {
+        let Some(last) = changes.last().map(|c| c.0) else {
+            return Ok(());
+        };
+        let hints: Vec<StockHint> = changes
+            .iter()
+            .filter(|(_, store, _)| self.follows(store))
+            .map(|(_, store, product)| StockHint {
+                store_id: store.clone(),
+                product_id: product.clone(),
+                amount: None,
+                updated_at: None,
+            })
+            .collect();
+        let ids = self.ids_for(&hints)?;
+        let now = unix_millis(std::time::SystemTime::now());
+        let result = (&self.tree, self.queue.tree()).transaction(|(stock, outbox)| {
+            self.stage_hints(stock, outbox, &hints, &ids, now)?;
+            stock.insert(BACKFILL_CURSOR, &last.to_be_bytes())?;
+            if full_page && stock.get(BACKFILL_WAITING)?.is_none() {
+                self.stage_backfill_in(stock, outbox, next_job_id, now)?;
+            }
+            Ok(())
+        });
+        self.finish(result)
     }
 
     fn finish<T>(&self, result: Result<T, TransactionError<StockError>>) -> Result<T, StockError> {
@@ -506,6 +623,51 @@ impl RefreshExecutor {
     }
 }
 
+/// Reads Smaregi's `StockHistory` past the cursor, so that changes whose
+/// notifications never arrived (the relay down, the line cut) are
+/// refreshed too. Each change moves the cursor once.
+pub struct BackfillExecutor {
+    book: StockBook,
+    client: SmaregiClient,
+}
+
+impl Executor for BackfillExecutor {
+    fn execute<'a>(&'a self, _job: &'a Job) -> BoxFuture<'a, AttemptOutcome> {
+        Box::pin(async move {
+            match self.backfill().await {
+                Ok(outcome) => outcome,
+                Err(e) => AttemptOutcome::Retry {
+                    reason: format!("cannot read or write the stock mirror: {e}"),
+                    retry_after: None,
+                },
+            }
+        })
+    }
+}
+
+impl BackfillExecutor {
+    async fn backfill(&self) -> Result<AttemptOutcome, StockError> {
+        let book = &self.book;
+        book.store.check(book.tree.remove(BACKFILL_WAITING))?;
+        let cursor = book.backfill_cursor()?;
+        let changes = match self.client.stock_history(cursor, BACKFILL_PAGE).await {
+            Ok(changes) => changes,
+            Err(e) => return Ok(e.outcome(false)),
+        };
+        let next = book.store.generate_id()?;
+        book.record_backfill(&changes, changes.len() == BACKFILL_PAGE, next)?;
+        book.store.commit().await?;
+        if !changes.is_empty() {
+            info!(
+                after = cursor,
+                changes = changes.len(),
+                "stock: back-filled changes from StockHistory"
+            );
+        }
+        Ok(AttemptOutcome::Success)
+    }
+}
+
 /// Sends changed stock to the downstream in signed batches.
 pub struct PushExecutor {
     book: StockBook,
@@ -625,14 +787,23 @@ pub fn register_executors(
 ) -> Result<EngineBuilder, ClientError> {
     let mut builder = builder;
     if let Some(client) = client {
-        builder = builder.executor(
-            REFRESH_KIND,
-            crate::smaregi::jobs::UPSTREAM,
-            Arc::new(RefreshExecutor {
-                book: book.clone(),
-                client,
-            }),
-        );
+        builder = builder
+            .executor(
+                REFRESH_KIND,
+                crate::smaregi::jobs::UPSTREAM,
+                Arc::new(RefreshExecutor {
+                    book: book.clone(),
+                    client: client.clone(),
+                }),
+            )
+            .executor(
+                BACKFILL_KIND,
+                crate::smaregi::jobs::UPSTREAM,
+                Arc::new(BackfillExecutor {
+                    book: book.clone(),
+                    client,
+                }),
+            );
     }
     if let Some(downstream) = downstream {
         let tls = crate::tls::client_config(downstream.ca_file.as_deref())?;

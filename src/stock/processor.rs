@@ -129,6 +129,35 @@ async fn prune(store: &Store, inbox: &Inbox, retention: Duration) -> Result<(), 
     Ok(())
 }
 
+/// Stages a back-fill at start-up and every `interval` until `shutdown`.
+pub async fn schedule_backfill(
+    store: Store,
+    book: StockBook,
+    engine: Engine,
+    interval: Duration,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let staged = async {
+            book.stage_backfill()?;
+            store.commit().await?;
+            Ok::<_, StockError>(())
+        };
+        match staged.await {
+            Ok(()) => engine.wake(),
+            Err(StockError::Store(e)) => {
+                error!(error = %e, "back-fill: stopped");
+                return;
+            }
+            Err(e) => warn!(error = %e, "back-fill: cannot stage; trying again later"),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(interval) => {}
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
