@@ -336,3 +336,69 @@ async fn changes_made_while_the_daemon_was_down_are_back_filled_once() {
     );
     sim.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn summed_stores_reach_the_downstream_as_one_value_and_a_transfer_changes_nothing() {
+    let sim = simulator().await;
+    let downstream = Downstream::start().await;
+    let temp = tempfile::tempdir().unwrap();
+    let config = stock_config(temp.path(), &sim, &downstream, "");
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        "batch-size = 100\n",
+        "batch-size = 100\nsum-stores = [\"1\", \"2\"]\n",
+    );
+    std::fs::write(&config, text).unwrap();
+    let relay = RunningDaemon::start(temp.path(), &config);
+    let rows = |products: &[(&str, &str, i64)]| {
+        Value::Array(
+            products
+                .iter()
+                .map(|(store, product, amount)| {
+                    json!({"storeId": store, "productId": product, "stockAmount": amount.to_string()})
+                })
+                .collect(),
+        )
+    };
+    let summed = |product: &str| ("1+2".to_owned(), product.to_owned());
+
+    sim.with_contract(|c| {
+        c.set_stock("1", "401", 10, 1);
+        c.set_stock("2", "401", 5, 1);
+        c.set_stock("1", "402", 3, 1);
+    });
+    notify(
+        &relay,
+        rows(&[("1", "401", 10), ("2", "401", 5), ("1", "402", 3)]),
+    )
+    .await;
+    until(&downstream, |log| {
+        log.latest().get(&summed("401")) == Some(&15)
+    })
+    .await;
+
+    // 3 of 401 move from the shop to the warehouse, and 402 sells, in one
+    // notification: 402's new sum arrives, 401's unchanged one is not sent.
+    sim.with_contract(|c| {
+        c.set_stock("1", "401", 7, 2);
+        c.set_stock("2", "401", 8, 2);
+        c.set_stock("1", "402", 2, 2);
+    });
+    notify(
+        &relay,
+        rows(&[("1", "401", 7), ("2", "401", 8), ("1", "402", 2)]),
+    )
+    .await;
+    let log = until(&downstream, |log| {
+        log.latest().get(&summed("402")) == Some(&2)
+    })
+    .await;
+    let sent: Vec<i64> = log.values[&summed("401")].iter().map(|r| r.stock).collect();
+    assert_eq!(sent, [15], "the transfer sent nothing");
+    assert!(
+        log.values.keys().all(|(store, _)| store == "1+2"),
+        "only sums: {:?}",
+        log.values.keys()
+    );
+    assert!(relay.stop().success());
+    sim.stop().await;
+}

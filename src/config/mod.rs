@@ -453,6 +453,10 @@ pub struct DownstreamConfig {
     pub batch_size: u32,
     #[serde(default)]
     pub clamp: Clamp,
+    /// Stores whose stock the downstream gets as one sum per product
+    /// (e.g. shop and warehouse behind one online shop); empty: per store.
+    #[serde(default)]
+    pub sum_stores: Vec<String>,
     #[serde(default = "default_downstream_timeout")]
     pub request_timeout_seconds: u64,
     /// A PEM certificate to trust besides the system's roots.

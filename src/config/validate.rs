@@ -350,6 +350,26 @@ impl Validate for StockConfig {
             if let Err(message) = check_endpoint(&downstream.url) {
                 problems.push(problem(&["stock", "downstream", "url"], message));
             }
+            for (i, store) in downstream.sum_stores.iter().enumerate() {
+                check(
+                    problems,
+                    is_store_id(store) && !downstream.sum_stores[..i].contains(store),
+                    &["stock", "downstream", "sum-stores"],
+                    format!("`{store}` is not a store id (店舗ID), or is listed twice"),
+                );
+                check(
+                    problems,
+                    self.stores.is_empty() || self.stores.contains(store),
+                    &["stock", "downstream", "sum-stores"],
+                    format!("store `{store}` is summed but not in [stock] stores"),
+                );
+            }
+            check(
+                problems,
+                downstream.sum_stores.len() != 1,
+                &["stock", "downstream", "sum-stores"],
+                "a sum needs at least two stores".to_owned(),
+            );
             check(
                 problems,
                 (1..=10_000).contains(&downstream.batch_size),

@@ -10,6 +10,7 @@
 //! | `W` | job id | a push job is waiting to start |
 //! | `B` | job id | a back-fill job is waiting to start |
 //! | `C` | change id | the last `StockHistory` change back-filled |
+//! | `S` product | sum | the sum over the summed stores the downstream last acknowledged |
 //!
 //! Coalescing: a notification only marks products dirty; it stages a
 //! refresh job for a store only when none is waiting. A refresh takes
@@ -63,6 +64,7 @@ const OUTGOING: u8 = b'O';
 const PUSH_WAITING: &[u8] = b"W";
 const BACKFILL_WAITING: &[u8] = b"B";
 const BACKFILL_CURSOR: &[u8] = b"C";
+const SUM_SENT: u8 = b'S';
 pub const BACKFILL_KIND: &str = "stock.backfill";
 pub const BACKFILL_KEY: &str = "stock-backfill";
 /// `StockHistory` rows read per back-fill call.
@@ -126,7 +128,21 @@ fn store_key(tag: u8, store: &str) -> Vec<u8> {
     key
 }
 
-/// Ids for staging hints: a stamp each, a refresh job per store.
+/// What a refresh learned of one product in one store.
+struct Learned {
+    store_id: String,
+    product: String,
+    dirty: Dirty,
+    amount: i64,
+    updated_at: Option<String>,
+}
+
+/// The refresh group of the stores summed for the downstream: they are
+/// refreshed together, so that a transfer between two of them reaches
+/// the mirror as one change and the sum never shows half of it.
+pub const SUMMED_GROUP: &str = "summed";
+
+/// Ids for staging hints: a stamp each, a refresh job per refresh group.
 struct HintIds {
     stamps: Vec<u64>,
     refresh_jobs: Vec<(String, u64)>,
@@ -166,6 +182,32 @@ impl StockBook {
             store: store.clone(),
             config: Arc::new(config.clone()),
         })
+    }
+
+    /// The stores summed into one downstream value, if configured.
+    fn summed(&self) -> &[String] {
+        self.config
+            .downstream
+            .as_ref()
+            .map_or(&[], |d| d.sum_stores.as_slice())
+    }
+
+    /// The refresh group of `store`: its own, or the summed stores'.
+    fn group_of(&self, store: &str) -> String {
+        if self.summed().iter().any(|s| s == store) {
+            SUMMED_GROUP.to_owned()
+        } else {
+            store.to_owned()
+        }
+    }
+
+    /// The stores of a refresh group.
+    fn stores_of(&self, group: &str) -> Vec<String> {
+        if group == SUMMED_GROUP {
+            self.summed().to_vec()
+        } else {
+            vec![group.to_owned()]
+        }
     }
 
     fn follows(&self, store: &str) -> bool {
@@ -208,12 +250,12 @@ impl StockBook {
 
     /// The ids staging `hints` needs, taken before its transaction.
     fn ids_for(&self, hints: &[StockHint]) -> Result<HintIds, StockError> {
-        let mut stores: Vec<String> = hints.iter().map(|h| h.store_id.clone()).collect();
-        stores.sort_unstable();
-        stores.dedup();
-        let mut refresh_jobs = Vec::with_capacity(stores.len());
-        for store in stores {
-            refresh_jobs.push((store, self.store.generate_id()?));
+        let mut groups: Vec<String> = hints.iter().map(|h| self.group_of(&h.store_id)).collect();
+        groups.sort_unstable();
+        groups.dedup();
+        let mut refresh_jobs = Vec::with_capacity(groups.len());
+        for group in groups {
+            refresh_jobs.push((group, self.store.generate_id()?));
         }
         let mut stamps = Vec::with_capacity(hints.len());
         for _ in hints {
@@ -246,18 +288,18 @@ impl StockBook {
                 serde_json::to_vec(&dirty).expect("serialises"),
             )?;
         }
-        for (store_id, job_id) in &ids.refresh_jobs {
-            if stock.get(store_key(REFRESH_WAITING, store_id))?.is_some() {
+        for (group, job_id) in &ids.refresh_jobs {
+            if stock.get(store_key(REFRESH_WAITING, group))?.is_some() {
                 continue;
             }
             let job = NewJob {
                 kind: REFRESH_KIND.into(),
                 upstream: crate::smaregi::jobs::UPSTREAM.into(),
-                key: format!("stock-refresh:{store_id}"),
-                payload: json!({"v": 1, "store": store_id}),
+                key: format!("stock-refresh:{group}"),
+                payload: json!({"v": 1, "store": group}),
             };
             widen_abort(Queue::stage(outbox, *job_id, &job, now))?;
-            stock.insert(store_key(REFRESH_WAITING, store_id), &job_id.to_be_bytes())?;
+            stock.insert(store_key(REFRESH_WAITING, group), &job_id.to_be_bytes())?;
         }
         Ok(())
     }
@@ -388,6 +430,35 @@ impl StockBook {
         Ok(out)
     }
 
+    /// A product's stock summed over the summed stores, and the latest
+    /// Smaregi time among them.
+    fn sum_of(&self, product: &str) -> Result<(i64, Option<String>), StockError> {
+        let mut sum = 0;
+        let mut latest: Option<String> = None;
+        for store in self.summed() {
+            if let Some(mirrored) = self.mirrored(store, product)? {
+                sum += mirrored.amount;
+                latest = latest.max(mirrored.updated_at);
+            }
+        }
+        Ok((sum, latest))
+    }
+
+    /// The sum the downstream last acknowledged for a product.
+    fn last_sum_sent(&self, product: &str) -> Result<Option<i64>, StockError> {
+        let bytes = self
+            .store
+            .check(self.tree.get(store_key(SUM_SENT, product)))?;
+        bytes
+            .map(|b| {
+                b.as_ref()
+                    .try_into()
+                    .map(i64::from_be_bytes)
+                    .map_err(|_| StockError::Corrupt("sum sent".into()))
+            })
+            .transpose()
+    }
+
     /// Every product of `store` in the mirror.
     pub fn mirror_of(&self, store: &str) -> Result<Vec<(String, Mirrored)>, StockError> {
         let mut prefix = store_key(MIRROR, store);
@@ -418,17 +489,19 @@ impl StockBook {
     /// Records what a refresh learned: clears the dirty marks it answered,
     /// updates the mirror where the news is not older, and queues changed
     /// values for the downstream. Durable after the caller's commit.
-    fn record_refresh(
-        &self,
-        store_id: &str,
-        learned: &[(String, Dirty, i64, Option<String>)],
-        push_job_id: u64,
-    ) -> Result<usize, StockError> {
+    fn record_refresh(&self, learned: &[Learned], push_job_id: u64) -> Result<usize, StockError> {
         let now = unix_millis(std::time::SystemTime::now());
         let downstream = self.config.downstream.is_some();
         let result = (&self.tree, self.queue.tree()).transaction(|(stock, outbox)| {
             let mut changed = 0;
-            for (product, dirty, amount, updated_at) in learned {
+            for Learned {
+                store_id,
+                product,
+                dirty,
+                amount,
+                updated_at,
+            } in learned
+            {
                 let dirty_key = pair_key(DIRTY, store_id, product);
                 if let Some(current) = stock.get(&dirty_key)? {
                     let current: Dirty = tx_decode(&current, "dirty")?;
@@ -516,6 +589,7 @@ impl StockBook {
     fn record_pushed(
         &self,
         sent: &[(String, String, u64)],
+        sums: &std::collections::BTreeMap<String, i64>,
         next_job_id: u64,
     ) -> Result<(), StockError> {
         let now = unix_millis(std::time::SystemTime::now());
@@ -525,6 +599,9 @@ impl StockBook {
                 if stock.get(&key)?.as_deref() == Some(&stamp.to_be_bytes()[..]) {
                     stock.remove(key)?;
                 }
+            }
+            for (product, sum) in sums {
+                stock.insert(store_key(SUM_SENT, product), &sum.to_be_bytes())?;
             }
             Ok::<_, ConflictableTransactionError<StockError>>(())
         });
@@ -572,53 +649,55 @@ impl Executor for RefreshExecutor {
 }
 
 impl RefreshExecutor {
-    async fn refresh(&self, store_id: &str) -> Result<AttemptOutcome, StockError> {
+    /// Refreshes every dirty product of a refresh group (one store, or
+    /// the summed stores together) and records them in one transaction.
+    async fn refresh(&self, group: &str) -> Result<AttemptOutcome, StockError> {
         let book = &self.book;
         // From here on a new notice needs a job of its own.
         book.store
-            .check(book.tree.remove(store_key(REFRESH_WAITING, store_id)))?;
-        let dirty = book.dirty_of(store_id)?;
-        if dirty.is_empty() {
-            return Ok(AttemptOutcome::Success);
-        }
+            .check(book.tree.remove(store_key(REFRESH_WAITING, group)))?;
         let trust_notice = book.config.source == StockSource::Notification;
-        let to_fetch: Vec<String> = dirty
-            .iter()
-            .filter(|(_, d)| !(trust_notice && d.amount.is_some()))
-            .map(|(product, _)| product.clone())
-            .collect();
-        let mut fetched = std::collections::HashMap::new();
-        if !to_fetch.is_empty() {
-            match self.client.stock(store_id, &to_fetch).await {
-                Ok(rows) => {
-                    for row in rows {
-                        fetched.insert(row.product_id, (row.amount, Some(row.updated_at)));
+        let mut learned = Vec::new();
+        for store_id in book.stores_of(group) {
+            let dirty = book.dirty_of(&store_id)?;
+            let to_fetch: Vec<String> = dirty
+                .iter()
+                .filter(|(_, d)| !(trust_notice && d.amount.is_some()))
+                .map(|(product, _)| product.clone())
+                .collect();
+            let mut fetched = std::collections::HashMap::new();
+            if !to_fetch.is_empty() {
+                match self.client.stock(&store_id, &to_fetch).await {
+                    Ok(rows) => {
+                        for row in rows {
+                            fetched.insert(row.product_id, (row.amount, Some(row.updated_at)));
+                        }
                     }
+                    Err(e) => return Ok(e.outcome(false)),
                 }
-                Err(e) => return Ok(e.outcome(false)),
+            }
+            for (product, dirty) in dirty {
+                let (amount, updated_at) = match dirty.amount {
+                    Some(amount) if trust_notice => (amount, dirty.updated_at.clone()),
+                    // No Stock row means 0 (SMAREGI.md §1).
+                    _ => fetched.get(&product).cloned().unwrap_or((0, None)),
+                };
+                learned.push(Learned {
+                    store_id: store_id.clone(),
+                    product,
+                    dirty,
+                    amount,
+                    updated_at,
+                });
             }
         }
-        let learned: Vec<(String, Dirty, i64, Option<String>)> = dirty
-            .into_iter()
-            .map(|(product, d)| {
-                let (amount, updated_at) = if trust_notice && d.amount.is_some() {
-                    (d.amount.unwrap_or_default(), d.updated_at.clone())
-                } else {
-                    // No Stock row means 0 (SMAREGI.md §1).
-                    fetched.get(&product).cloned().unwrap_or((0, None))
-                };
-                (product, d, amount, updated_at)
-            })
-            .collect();
+        if learned.is_empty() {
+            return Ok(AttemptOutcome::Success);
+        }
         let push_id = book.store.generate_id()?;
-        let changed = book.record_refresh(store_id, &learned, push_id)?;
+        let changed = book.record_refresh(&learned, push_id)?;
         book.store.commit().await?;
-        info!(
-            store = store_id,
-            products = learned.len(),
-            changed,
-            "stock: refreshed"
-        );
+        info!(group, products = learned.len(), changed, "stock: refreshed");
         Ok(AttemptOutcome::Success)
     }
 }
@@ -701,19 +780,41 @@ impl PushExecutor {
         if batch.is_empty() {
             return Ok(AttemptOutcome::Success);
         }
+        let summed = book.summed();
         let mut items = Vec::with_capacity(batch.len());
+        let mut sums = std::collections::BTreeMap::new();
         for (store, product, _) in &batch {
-            let Some(mirrored) = book.mirrored(store, product)? else {
-                continue;
+            let (store_id, amount, updated_at) = if summed.contains(store) {
+                if sums.contains_key(product) {
+                    continue;
+                }
+                let (sum, updated_at) = book.sum_of(product)?;
+                sums.insert(product.clone(), sum);
+                // A transfer between summed stores leaves the sum as it was.
+                if book.last_sum_sent(product)? == Some(sum) {
+                    continue;
+                }
+                (summed.join("+"), sum, updated_at)
+            } else {
+                let Some(mirrored) = book.mirrored(store, product)? else {
+                    continue;
+                };
+                (store.clone(), mirrored.amount, mirrored.updated_at)
             };
             items.push(json!({
                 "external_code": self.catalog.external_code_for(product),
                 "smaregi_product_id": product,
-                "store_id": store,
-                "stock": self.clamp.apply(mirrored.amount),
-                "updated_at": mirrored.updated_at,
+                "store_id": store_id,
+                "stock": self.clamp.apply(amount),
+                "updated_at": updated_at,
                 "mapping_version": self.catalog.version(),
             }));
+        }
+        if items.is_empty() {
+            let next = book.store.generate_id()?;
+            book.record_pushed(&batch, &sums, next)?;
+            book.store.commit().await?;
+            return Ok(AttemptOutcome::Success);
         }
         let body = serde_json::to_vec(&json!({ "stock": items })).expect("serialises");
         let id = format!("stock_{job_id}_{}", batch[0].2);
@@ -757,7 +858,7 @@ impl PushExecutor {
                     .collect();
                 if status.is_success() {
                     let next = book.store.generate_id()?;
-                    book.record_pushed(&batch, next)?;
+                    book.record_pushed(&batch, &sums, next)?;
                     book.store.commit().await?;
                     return Ok(AttemptOutcome::Success);
                 }
