@@ -759,9 +759,9 @@ pub struct PushExecutor {
 }
 
 impl Executor for PushExecutor {
-    fn execute<'a>(&'a self, job: &'a Job) -> BoxFuture<'a, AttemptOutcome> {
+    fn execute<'a>(&'a self, _job: &'a Job) -> BoxFuture<'a, AttemptOutcome> {
         Box::pin(async move {
-            match self.push(job.id).await {
+            match self.push().await {
                 Ok(outcome) => outcome,
                 Err(e) => AttemptOutcome::Retry {
                     reason: format!("cannot read or write the stock mirror: {e}"),
@@ -773,7 +773,7 @@ impl Executor for PushExecutor {
 }
 
 impl PushExecutor {
-    async fn push(&self, job_id: u64) -> Result<AttemptOutcome, StockError> {
+    async fn push(&self) -> Result<AttemptOutcome, StockError> {
         let book = &self.book;
         book.store.check(book.tree.remove(PUSH_WAITING))?;
         let batch = book.outgoing(self.batch_size)?;
@@ -817,7 +817,12 @@ impl PushExecutor {
             return Ok(AttemptOutcome::Success);
         }
         let body = serde_json::to_vec(&json!({ "stock": items })).expect("serialises");
-        let id = format!("stock_{job_id}_{}", batch[0].2);
+        // Named by its content: a resend of the same batch has the same id
+        // (the receiver may drop it), a batch with anything newer has another.
+        let digest = ring::digest::digest(&ring::digest::SHA256, &body);
+        let id: String = std::iter::once("stock_".to_owned())
+            .chain(digest.as_ref()[..16].iter().map(|b| format!("{b:02x}")))
+            .collect();
         let timestamp = unix_millis(std::time::SystemTime::now()) / 1000;
         let response = self
             .http
