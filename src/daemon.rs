@@ -28,6 +28,7 @@ use crate::intake::cert::{
     self, CertError, CertificateFiles, CertificateResolver, Reload, Reloader,
 };
 use crate::intake::server;
+use crate::mapping::{self, MappingError, MappingStore};
 use crate::outbox::engine::{Engine, EngineBuilder, EngineError};
 use crate::smaregi::client::{ClientError, SmaregiClient};
 use crate::smaregi::executor::TransactionExecutor;
@@ -53,6 +54,8 @@ pub enum DaemonError {
     SmaregiClient(#[from] ClientError),
     #[error("[listener]: {0}")]
     Certificate(#[from] CertError),
+    #[error("[mapping]: {0}")]
+    Mapping(#[from] MappingError),
     #[error("[listener]: cannot listen on {address}: {source}")]
     Listen {
         address: std::net::SocketAddr,
@@ -72,6 +75,7 @@ impl DaemonError {
             Self::Outbox(EngineError::Store(e)) => e.exit_code(),
             Self::Outbox(_) => crate::exit::SOFTWARE,
             Self::SmaregiClient(_) => crate::exit::CONFIG,
+            Self::Mapping(e) => e.exit_code(),
             Self::Certificate(CertError::Write { .. }) => crate::exit::CANT_CREATE,
             Self::Certificate(_) => crate::exit::CONFIG,
             // Another process may still be letting go of the port.
@@ -125,9 +129,15 @@ async fn serve(loaded: LoadedConfig) -> Result<(), DaemonError> {
     let started = async {
         let engine = outbox_engine(&store, &config)?;
         let listener = intake_listener(&store, &config).await?;
-        Ok::<_, DaemonError>((engine, listener))
+        let mapping = {
+            let (store, fallback) = (store.clone(), config.mapping.fallback);
+            tokio::task::spawn_blocking(move || MappingStore::open(&store, fallback))
+                .await
+                .expect("opening the mapping does not panic")?
+        };
+        Ok::<_, DaemonError>((engine, listener, mapping))
     };
-    let (engine, (listener, reloader)) = match started.await {
+    let (engine, (listener, reloader), mapping) = match started.await {
         Ok(started) => started,
         Err(error) => {
             store.close().await?;
@@ -155,6 +165,15 @@ async fn serve(loaded: LoadedConfig) -> Result<(), DaemonError> {
             }
         }
     });
+    tasks.spawn(mapping::watch::run(
+        mapping::import::Importer::new(
+            mapping,
+            mapping::check::Rules::from_config(&config.mapping),
+            mapping::import::Folders::new(&config.drop_directory()),
+        ),
+        mapping::watch::WatchOptions::from_config(&config.mapping),
+        shutdown.clone(),
+    ));
     tasks.close();
 
     notify(&[("READY", "1"), ("STATUS", &status.line())]);
