@@ -273,8 +273,26 @@ fn large_file(rows: u64, tag: &str) -> Vec<u8> {
 
 #[test]
 fn sigkill_during_a_large_import_leaves_the_old_or_the_new_version() {
-    const ROWS: u64 = 200_000;
-    for (round, delay_ms) in [0u64, 150, 400].into_iter().enumerate() {
+    const ROWS: u64 = 50_000;
+    // How long an uninterrupted import of the file takes here, so that the
+    // kills land early, midway and late in it.
+    let took = {
+        let s = setup(MAPPING_CONFIG);
+        let daemon = RunningDaemon::start(&s.dir, &s.config);
+        drop_file(&s.drop, "new.csv", &large_file(ROWS, "new"));
+        wait_until("the file is taken", || !s.drop.join("new.csv").exists());
+        let taken = Instant::now();
+        wait_until("the file is processed", || {
+            names(&s.drop.join("processed")).len() == 2
+        });
+        let took = taken.elapsed();
+        assert!(daemon.stop().success());
+        took
+    };
+    eprintln!("an import of {ROWS} rows took {took:?}");
+    let delays = [0.0, 0.5, 0.9, 0.97];
+    for (round, fraction) in delays.into_iter().enumerate() {
+        let delay_ms = (took.as_millis() as f64 * fraction) as u64;
         let s = setup(MAPPING_CONFIG);
         let state = s.dir.join("state");
         let daemon = RunningDaemon::start(&s.dir, &s.config);
@@ -293,8 +311,13 @@ fn sigkill_during_a_large_import_leaves_the_old_or_the_new_version() {
         let mut daemon = daemon.daemon;
         daemon.signal(libc::SIGKILL);
         daemon.wait();
+        drop(daemon);
+        fs::remove_file(s.dir.join("notify.sock")).unwrap();
 
         let (version, pairs) = stored_mapping(&state);
+        eprintln!(
+            "round {round}: killed {delay_ms} ms after the take; version {version} is current"
+        );
         match version {
             1 => assert_eq!(
                 pairs,

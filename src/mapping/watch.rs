@@ -66,21 +66,48 @@ struct Seen {
 }
 
 /// Watches the drop folder until `shutdown`; every outcome is logged.
-pub async fn run(importer: Importer, options: WatchOptions, shutdown: CancellationToken) {
-    let folders = importer.folders().clone();
-    // The folder may be a mount that is not there yet: keep trying.
-    loop {
-        match folders.create() {
-            Ok(()) => break,
-            Err(e) => {
-                error!(error = %e, "mapping: cannot create the drop folders; retrying");
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(options.rescan_interval) => {}
-                }
+///
+/// The folders are created before this returns (so they exist once the
+/// daemon reports ready); if that fails (a mount not there yet), the
+/// returned task keeps trying.
+pub fn run(
+    importer: Importer,
+    options: WatchOptions,
+    shutdown: CancellationToken,
+) -> impl std::future::Future<Output = ()> {
+    let created = importer.folders().create();
+    async move {
+        if let Err(e) = created {
+            if !create_folders(&importer, &options, &shutdown, e).await {
+                return;
             }
         }
+        watch(importer, options, shutdown).await
     }
+}
+
+/// Retries creating the folders; false if told to stop first.
+async fn create_folders(
+    importer: &Importer,
+    options: &WatchOptions,
+    shutdown: &CancellationToken,
+    mut error: MappingError,
+) -> bool {
+    loop {
+        error!(error = %error, "mapping: cannot create the drop folders; retrying");
+        tokio::select! {
+            _ = shutdown.cancelled() => return false,
+            _ = tokio::time::sleep(options.rescan_interval) => {}
+        }
+        match importer.folders().create() {
+            Ok(()) => return true,
+            Err(e) => error = e,
+        }
+    }
+}
+
+async fn watch(importer: Importer, options: WatchOptions, shutdown: CancellationToken) {
+    let folders = importer.folders().clone();
     match importer.recover().await {
         Ok(outcomes) => outcomes.iter().for_each(log_outcome),
         Err(e) => error!(error = %e, "mapping: processing interrupted files failed"),
