@@ -483,6 +483,25 @@ mod tests {
     use proptest::prelude::*;
 
     #[test]
+    fn mapping_limits_and_code_symbols_are_checked() {
+        let mut problems = Vec::new();
+        MappingConfig::default().validate(&mut problems);
+        assert_eq!(problems, []);
+        let bad = MappingConfig {
+            max_rows: 0,
+            external_code_max_length: 300,
+            external_code_symbols: "-,".into(),
+            ..MappingConfig::default()
+        };
+        bad.validate(&mut problems);
+        let keys: Vec<_> = problems.iter().map(|p| p.key[1]).collect();
+        assert_eq!(
+            keys,
+            ["max-rows", "external-code-max-length", "external-code-symbols"]
+        );
+    }
+
+    #[test]
     fn endpoints_must_be_tls_except_to_loopback() {
         assert!(check_endpoint("https://webapi.smaregi.jp/access/").is_ok());
         assert!(check_endpoint("http://127.0.0.1:8080/access/").is_ok());

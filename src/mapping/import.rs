@@ -290,7 +290,7 @@ fn free_name(dir: &Path, name: &str) -> String {
 /// `YYYYMMDD-HHMMSS` in Japan time.
 fn stamp() -> String {
     let text = crate::smaregi::jst::format(crate::smaregi::jst::now());
-    text.replace('-', "").replace(':', "").replace(' ', "-")
+    text.replace(['-', ':'], "").replace(' ', "-")
 }
 
 fn write_report(path: &Path, text: &str) -> Result<(), MappingError> {
