@@ -42,7 +42,11 @@ fn mapping_file() -> Vec<u8> {
     let mut text = String::with_capacity(ROWS as usize * 24);
     text.push_str("スマレジ商品ID,外部コード\r\n");
     for i in 1..=ROWS {
-        text.push_str(&format!("{},{:013}\r\n", 10_000_000 + i, 4_900_000_000_000 + i));
+        text.push_str(&format!(
+            "{},{:013}\r\n",
+            10_000_000 + i,
+            4_900_000_000_000 + i
+        ));
     }
     let (bytes, _, unmappable) = encoding_rs::SHIFT_JIS.encode(&text);
     assert!(!unmappable);
@@ -111,7 +115,10 @@ fn child(step: &str, file: &Path) {
                 let started = Instant::now();
                 let outcome = importer.take("map.csv".as_ref()).await.unwrap();
                 let took = started.elapsed();
-                assert!(matches!(outcome, Outcome::Imported { version: 1, .. }), "{outcome:?}");
+                assert!(
+                    matches!(outcome, Outcome::Imported { version: 1, .. }),
+                    "{outcome:?}"
+                );
                 assert_eq!(mapping.current().len() as u64, ROWS);
                 println!("{} {}", took.as_secs_f64(), peak_rss_kib());
                 store.close().await.unwrap();
@@ -186,7 +193,11 @@ fn main() {
     let import_share = 100.0 * rate(2) / rate(0);
     println!(
         "target rows/s ≥ 60 % of the bare parse: {import_share:.1} % → {}",
-        if import_share >= 60.0 { "met" } else { "NOT met" }
+        if import_share >= 60.0 {
+            "met"
+        } else {
+            "NOT met"
+        }
     );
     println!(
         "target peak RSS ≤ 200 MiB: {:.1} MiB → {}\n",

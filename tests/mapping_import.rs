@@ -179,6 +179,33 @@ fn the_daemon_imports_good_files_and_rejects_bad_ones_with_reports() {
 }
 
 #[test]
+fn the_polling_watcher_takes_files_too() {
+    let s = setup(
+        "[mapping]\nwatch = \"poll\"\npoll-interval-seconds = 1\nsettle-milliseconds = 200\n",
+    );
+    let daemon = RunningDaemon::start(&s.dir, &s.config);
+    let mut bom = b"\xEF\xBB\xBF".to_vec();
+    bom.extend_from_slice("スマレジ商品ID,外部コード\n5,E-5\n".as_bytes());
+    drop_file(&s.drop, "polled.csv", &bom);
+    let processed = s.drop.join("processed");
+    wait_until("the first file is processed", || {
+        names(&processed).len() == 2
+    });
+    // The start-up rescan is over. Written in place, not renamed in: only polling and the settle time see it complete.
+    fs::write(
+        s.drop.join("in-place.csv"),
+        "smaregi-id,external-code\n6,F-6\n",
+    )
+    .unwrap();
+    let processed = s.drop.join("processed");
+    wait_until("both files are processed", || names(&processed).len() == 4);
+    assert!(daemon.stop().success());
+    let (version, pairs) = stored_mapping(&s.dir.join("state"));
+    assert_eq!(version, 2);
+    assert_eq!(pairs.len(), 1, "{pairs:?}");
+}
+
+#[test]
 fn a_file_copied_in_slowly_is_imported_once_and_complete() {
     let s = setup("[mapping]\nsettle-milliseconds = 1000\n");
     let daemon = RunningDaemon::start(&s.dir, &s.config);

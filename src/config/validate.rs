@@ -497,7 +497,11 @@ mod tests {
         let keys: Vec<_> = problems.iter().map(|p| p.key[1]).collect();
         assert_eq!(
             keys,
-            ["max-rows", "external-code-max-length", "external-code-symbols"]
+            [
+                "max-rows",
+                "external-code-max-length",
+                "external-code-symbols"
+            ]
         );
     }
 

@@ -159,7 +159,7 @@ impl Importer {
     async fn process_taken(&self, taken: &Path, original: &str) -> Result<Outcome, MappingError> {
         let rules = self.rules.clone();
         let path = taken.to_path_buf();
-        let (read, checked) =
+        let (read, mut checked) =
             tokio::task::spawn_blocking(move || match read_limited(&path, &rules) {
                 Ok(file) => {
                     let sha256 = sha256_hex(&file.bytes);
@@ -196,7 +196,8 @@ impl Importer {
             };
             let request = ImportRequest {
                 format,
-                entries: checked.entries.clone(),
+                // The report needs no entries: no copy of a million of them.
+                entries: std::mem::take(&mut checked.entries),
                 source,
             };
             self.store.import(request).await?.version

@@ -530,12 +530,27 @@ impl MappingStore {
         Ok(pruned)
     }
 
+    /// Prunes after an import, off the import's path; the removals become
+    /// durable with the next commit (sled recovers a prefix of its writes,
+    /// so a crash leaves at most entries without metadata, removed on open).
     fn prune_in_background(&self) {
         let this = self.clone();
-        tokio::task::spawn_blocking(move || {
-            let _writer = this.inner.writer.blocking_lock();
-            if let Err(error) = this.prune() {
-                tracing::warn!(%error, "mapping: pruning old versions failed");
+        tokio::spawn(async move {
+            let pruning = this.clone();
+            let pruned = tokio::task::spawn_blocking(move || {
+                let _writer = pruning.inner.writer.blocking_lock();
+                pruning.prune()
+            })
+            .await;
+            match pruned {
+                Ok(Ok(pruned)) if !pruned.is_empty() => {
+                    if let Err(error) = this.inner.store.commit().await {
+                        tracing::warn!(%error, "mapping: committing the pruning failed");
+                    }
+                }
+                Ok(Ok(_)) => {}
+                Ok(Err(error)) => tracing::warn!(%error, "mapping: pruning old versions failed"),
+                Err(error) => tracing::warn!(%error, "mapping: pruning old versions panicked"),
             }
         });
     }
