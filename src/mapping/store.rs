@@ -288,7 +288,7 @@ impl MappingStore {
         self.flip(&info)?;
         self.inner.store.commit().await?;
         self.publish(version);
-        self.prune_in_background();
+        self.prune_after_import().await;
         Ok(info)
     }
 
@@ -530,29 +530,21 @@ impl MappingStore {
         Ok(pruned)
     }
 
-    /// Prunes after an import, off the import's path; the removals become
-    /// durable with the next commit (sled recovers a prefix of its writes,
+    /// Prunes after an import, still holding the writer lock; the removals
+    /// become durable with a commit (sled recovers a prefix of its writes,
     /// so a crash leaves at most entries without metadata, removed on open).
-    fn prune_in_background(&self) {
+    async fn prune_after_import(&self) {
         let this = self.clone();
-        tokio::spawn(async move {
-            let pruning = this.clone();
-            let pruned = tokio::task::spawn_blocking(move || {
-                let _writer = pruning.inner.writer.blocking_lock();
-                pruning.prune()
-            })
-            .await;
-            match pruned {
-                Ok(Ok(pruned)) if !pruned.is_empty() => {
-                    if let Err(error) = this.inner.store.commit().await {
-                        tracing::warn!(%error, "mapping: committing the pruning failed");
-                    }
+        match tokio::task::spawn_blocking(move || this.prune()).await {
+            Ok(Ok(pruned)) if !pruned.is_empty() => {
+                if let Err(error) = self.inner.store.commit().await {
+                    tracing::warn!(%error, "mapping: committing the pruning failed");
                 }
-                Ok(Ok(_)) => {}
-                Ok(Err(error)) => tracing::warn!(%error, "mapping: pruning old versions failed"),
-                Err(error) => tracing::warn!(%error, "mapping: pruning old versions panicked"),
             }
-        });
+            Ok(Ok(_)) => {}
+            Ok(Err(error)) => tracing::warn!(%error, "mapping: pruning old versions failed"),
+            Err(error) => tracing::warn!(%error, "mapping: pruning old versions panicked"),
+        }
     }
 }
 
