@@ -13,6 +13,7 @@
 //! told what to fix instead.
 
 pub mod check;
+pub mod chunk;
 pub mod decode;
 pub mod import;
 pub mod report;

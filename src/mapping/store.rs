@@ -3,8 +3,9 @@
 //! Layout:
 //! - tree `mapping`: `V` + version (u64 BE) → the version's metadata
 //!   (JSON); `C` → the current version (u64 BE).
-//! - tree `mapping-entries`: version (u64 BE) + external code → Smaregi
-//!   id (u64 BE). Every version holds all its entries.
+//! - tree `mapping-entries`: version (u64 BE) + chunk number (u32 BE) →
+//!   a chunk of entries ([`super::chunk`]). Every version holds all its
+//!   entries.
 //!
 //! A new version's entries are written under its own number, where nothing
 //! reads them, and made durable; then its metadata and the `C` pointer are
@@ -27,6 +28,7 @@ use crate::store::keys::{decode_u64_key, u64_key};
 use crate::store::{Store, StoreError, TreeName};
 
 use super::check::{Entry, Format};
+use super::chunk::{chunk_key, chunk_version, decode_chunk, ChunkWriter};
 use super::MappingError;
 
 pub const MAPPING: TreeName = TreeName::new("mapping");
@@ -36,19 +38,12 @@ const VERSION_TAG: u8 = b'V';
 const CURRENT_KEY: &[u8] = b"C";
 /// Versions kept for rollback besides the current one; older ones are pruned.
 pub const VERSIONS_KEPT: usize = 10;
-/// Entries written per sled batch.
-const BATCH_ENTRIES: usize = 10_000;
+/// Chunk records removed per sled batch.
+const BATCH_REMOVALS: usize = 1_000;
 
 fn version_key(version: u64) -> [u8; 9] {
     let mut key = [VERSION_TAG; 9];
     key[1..].copy_from_slice(&version.to_be_bytes());
-    key
-}
-
-fn entry_key(version: u64, code: &str) -> Vec<u8> {
-    let mut key = Vec::with_capacity(8 + code.len());
-    key.extend_from_slice(&version.to_be_bytes());
-    key.extend_from_slice(code.as_bytes());
     key
 }
 
@@ -340,17 +335,21 @@ impl MappingStore {
         for entry in request.entries {
             version.insert(entry.smaregi_id, Arc::from(entry.external_code));
         }
-        let mut batch = sled::Batch::default();
-        let mut in_batch = 0;
+        let mut writer = ChunkWriter::new();
+        let mut index = 0u32;
+        let mut write = |chunk: Vec<u8>| {
+            let key = chunk_key(number, index);
+            index += 1;
+            store.check(self.inner.entries.insert(key, chunk))
+        };
         for (code, id) in &version.by_code {
-            batch.insert(entry_key(number, code), &u64_key(*id));
-            in_batch += 1;
-            if in_batch == BATCH_ENTRIES {
-                store.check(self.inner.entries.apply_batch(std::mem::take(&mut batch)))?;
-                in_batch = 0;
+            if let Some(chunk) = writer.push(code, *id) {
+                write(chunk)?;
             }
         }
-        store.check(self.inner.entries.apply_batch(batch))?;
+        if let Some(chunk) = writer.finish() {
+            write(chunk)?;
+        }
         let mut source = request.source;
         let VersionSource::File {
             applied_rows: applied,
@@ -403,8 +402,8 @@ impl MappingStore {
             None => 0,
         };
         let by_entries = match store.check(self.inner.entries.last())? {
-            Some((key, _)) => decode_u64_key(&key[..8.min(key.len())])
-                .map_err(|e| MappingError::Corrupt(format!("entry key: {e}")))?,
+            Some((key, _)) => chunk_version(&key)
+                .ok_or_else(|| MappingError::Corrupt("a chunk key is too short".into()))?,
             None => 0,
         };
         Ok(by_meta.max(by_entries) + 1)
@@ -429,14 +428,13 @@ impl MappingStore {
         loaded.by_code.reserve(info.entries as usize);
         loaded.by_id.reserve(info.entries as usize);
         for item in self.inner.entries.scan_prefix(u64_key(version)) {
-            let (key, value) = store.check(item)?;
-            let code = std::str::from_utf8(&key[8..])
-                .map_err(|_| MappingError::Corrupt("an external code is not UTF-8".into()))?;
-            let id = decode_u64_key(&value)
-                .map_err(|e| MappingError::Corrupt(format!("entry value: {e}")))?;
-            let code: Arc<str> = Arc::from(code);
-            loaded.by_id.insert(id, Arc::clone(&code));
-            loaded.by_code.insert(code, id);
+            let (_, chunk) = store.check(item)?;
+            decode_chunk(&chunk, |code, id| {
+                let code: Arc<str> = Arc::from(code);
+                loaded.by_id.insert(id, Arc::clone(&code));
+                loaded.by_code.insert(code, id);
+            })
+            .map_err(|e| MappingError::Corrupt(format!("version {version}: {e}")))?;
         }
         if loaded.by_code.len() as u64 != info.entries || loaded.by_id.len() != loaded.by_code.len()
         {
@@ -462,8 +460,8 @@ impl MappingStore {
             else {
                 break;
             };
-            let version = decode_u64_key(&key[..8.min(key.len())])
-                .map_err(|e| MappingError::Corrupt(format!("entry key: {e}")))?;
+            let version = chunk_version(&key)
+                .ok_or_else(|| MappingError::Corrupt("a chunk key is too short".into()))?;
             versions.push(version);
             match version.checked_add(1) {
                 Some(next) => from = next,
@@ -500,7 +498,7 @@ impl MappingStore {
             let (key, _) = store.check(item)?;
             batch.remove(key);
             in_batch += 1;
-            if in_batch == BATCH_ENTRIES {
+            if in_batch == BATCH_REMOVALS {
                 store.check(self.inner.entries.apply_batch(std::mem::take(&mut batch)))?;
                 in_batch = 0;
             }
