@@ -5,8 +5,6 @@
 //! Smaregi's own CSV import counts them; a quoted field spanning lines
 //! gives its row the line it starts on.
 
-use std::collections::HashMap;
-
 use crate::config::MappingConfig;
 
 use super::decode::{self, DecodeError, TextEncoding};
@@ -458,10 +456,11 @@ pub fn check(bytes: Vec<u8>, rules: &Rules) -> Checked {
     checked
 }
 
-/// A row's entry and the line it came from.
-struct Row {
-    line: u64,
-    entry: Entry,
+/// The entries of the rows read so far, and the line of each.
+#[derive(Default)]
+struct Rows {
+    entries: Vec<Entry>,
+    lines: Vec<u64>,
 }
 
 /// Checks decoded text.
@@ -504,7 +503,16 @@ pub fn check_text(text: &str, rules: &Rules) -> Checked {
     // Lines are counted from the header, wherever the file put it.
     let line_offset = header_line - 1;
 
-    let mut rows: Vec<Row> = Vec::new();
+    // About one row per line: no regrowing (and copying) of a large file's rows.
+    let estimated = text
+        .bytes()
+        .filter(|&b| b == b'\n')
+        .count()
+        .min(rules.max_rows as usize);
+    let mut rows = Rows {
+        entries: Vec::with_capacity(estimated),
+        lines: Vec::with_capacity(estimated),
+    };
     while reader.read_byte_record(&mut record).unwrap_or(false) {
         if is_blank(&record) {
             continue;
@@ -524,14 +532,15 @@ pub fn check_text(text: &str, rules: &Rules) -> Checked {
             break;
         }
         if let Some(entry) = check_row(&record, line, &layout, rules, &mut checked) {
-            rows.push(Row { line, entry });
+            rows.entries.push(entry);
+            rows.lines.push(line);
         }
     }
 
     find_duplicates(&mut rows, &layout, &mut checked);
     find_lost_leading_zeros(&rows, &layout, &mut checked);
     if checked.accepted() {
-        checked.entries = rows.into_iter().map(|row| row.entry).collect();
+        checked.entries = rows.entries;
     }
     checked
 }
@@ -728,96 +737,126 @@ pub fn check_external_code(value: &str, rules: &Rules) -> Result<(), ProblemKind
     Ok(())
 }
 
-/// One id to two codes, or one code to two ids: an error naming both lines.
-fn find_duplicates(rows: &mut Vec<Row>, layout: &Layout, checked: &mut Checked) {
-    let mut by_id: HashMap<u64, usize> = HashMap::with_capacity(rows.len());
-    let mut by_code: HashMap<&str, usize> = HashMap::with_capacity(rows.len());
-    let mut repeated = vec![false; rows.len()];
-    let mut problems = Vec::new();
-    for (i, row) in rows.iter().enumerate() {
-        let first_by_id = *by_id.entry(row.entry.smaregi_id).or_insert(i);
-        let first_by_code = *by_code.entry(&row.entry.external_code).or_insert(i);
-        let id_text = row.entry.smaregi_id.to_string();
-        if first_by_id != i {
-            let first = &rows[first_by_id];
-            if first.entry.external_code == row.entry.external_code {
+/// One id to two codes, or one code to two ids: an error naming both
+/// lines. The same pair twice is a warning, and kept once.
+///
+/// By sorting row numbers (4 bytes a row) rather than hashing entries:
+/// a million rows stay cheap in memory.
+fn find_duplicates(rows: &mut Rows, layout: &Layout, checked: &mut Checked) {
+    let entries = &rows.entries;
+    let mut problems: Vec<Problem> = Vec::new();
+    let mut repeated = vec![false; entries.len()];
+    let mut order: Vec<u32> = (0..entries.len() as u32).collect();
+
+    // Stable sorts: within a group, the first row of the file comes first.
+    order.sort_by_key(|&i| entries[i as usize].smaregi_id);
+    for group in
+        order.chunk_by(|&a, &b| entries[a as usize].smaregi_id == entries[b as usize].smaregi_id)
+    {
+        let first = group[0] as usize;
+        for &i in &group[1..] {
+            let i = i as usize;
+            let (entry, first_entry) = (&entries[i], &entries[first]);
+            if entry.external_code == first_entry.external_code {
                 repeated[i] = true;
                 problems.push(Problem {
                     severity: Severity::Warning,
-                    line: Some(row.line),
+                    line: Some(rows.lines[i]),
                     column: None,
-                    value: Some(format!("{id_text},{}", row.entry.external_code)),
+                    value: Some(format!("{},{}", entry.smaregi_id, entry.external_code)),
                     kind: ProblemKind::PairTwice {
-                        first_line: first.line,
+                        first_line: rows.lines[first],
                     },
                 });
+            } else {
+                problems.push(Problem {
+                    severity: Severity::Error,
+                    line: Some(rows.lines[i]),
+                    column: Some(layout.id.clone()),
+                    value: Some(entry.smaregi_id.to_string()),
+                    kind: ProblemKind::IdTwice {
+                        first_line: rows.lines[first],
+                        first_code: first_entry.external_code.to_string(),
+                    },
+                });
+            }
+        }
+    }
+    order.sort_by(|&a, &b| {
+        entries[a as usize]
+            .external_code
+            .cmp(&entries[b as usize].external_code)
+    });
+    for group in order
+        .chunk_by(|&a, &b| entries[a as usize].external_code == entries[b as usize].external_code)
+    {
+        let first = group[0] as usize;
+        for &i in &group[1..] {
+            let i = i as usize;
+            if repeated[i] {
                 continue;
             }
             problems.push(Problem {
                 severity: Severity::Error,
-                line: Some(row.line),
-                column: Some(layout.id.clone()),
-                value: Some(id_text.clone()),
-                kind: ProblemKind::IdTwice {
-                    first_line: first.line,
-                    first_code: first.entry.external_code.to_string(),
-                },
-            });
-        }
-        if first_by_code != i {
-            let first = &rows[first_by_code];
-            problems.push(Problem {
-                severity: Severity::Error,
-                line: Some(row.line),
+                line: Some(rows.lines[i]),
                 column: Some(layout.code.clone()),
-                value: Some(row.entry.external_code.to_string()),
+                value: Some(entries[i].external_code.to_string()),
                 kind: ProblemKind::CodeTwice {
-                    first_line: first.line,
-                    first_id: first.entry.smaregi_id,
+                    first_line: rows.lines[first],
+                    first_id: entries[first].smaregi_id,
                 },
             });
         }
     }
-    drop(by_code);
+    drop(order);
+    // In file order, ids before codes on the same line.
+    problems.sort_by_key(|p| {
+        (
+            p.line,
+            p.column.as_ref().map(|c| c.index != layout.id.index),
+        )
+    });
     for problem in problems {
         checked.push(problem);
     }
-    if repeated.iter().any(|&r| r) {
-        let mut index = 0;
-        rows.retain(|_| {
-            let keep = !repeated[index];
-            index += 1;
-            keep
-        });
+    if repeated.contains(&true) {
+        let mut keep = repeated.iter().map(|r| !r);
+        rows.entries.retain(|_| keep.next().unwrap_or(true));
+        let mut keep = repeated.iter().map(|r| !r);
+        rows.lines.retain(|_| keep.next().unwrap_or(true));
     }
 }
 
 /// Codes that are all digits and shorter than the length most such codes
 /// of the file have: Excel drops leading zeros of numbers.
-fn find_lost_leading_zeros(rows: &[Row], layout: &Layout, checked: &mut Checked) {
-    let mut lengths: HashMap<usize, u64> = HashMap::new();
+fn find_lost_leading_zeros(rows: &Rows, layout: &Layout, checked: &mut Checked) {
+    let is_number = |code: &str| code.bytes().all(|b| b.is_ascii_digit());
+    // Codes are at most 255 characters long.
+    let mut lengths = [0u64; 256];
     let mut numeric = 0u64;
-    for row in rows {
-        let code = &row.entry.external_code;
-        if code.bytes().all(|b| b.is_ascii_digit()) {
+    for entry in &rows.entries {
+        if is_number(&entry.external_code) {
             numeric += 1;
-            *lengths.entry(code.len()).or_default() += 1;
+            lengths[entry.external_code.len().min(255)] += 1;
         }
     }
     // Only a clear majority sets the usual length.
-    let Some((&usual_length, &count)) = lengths.iter().max_by_key(|(len, count)| (**count, **len))
+    let Some((usual_length, &count)) = lengths
+        .iter()
+        .enumerate()
+        .max_by_key(|(len, count)| (**count, *len))
     else {
         return;
     };
     if numeric < 3 || count * 2 <= numeric {
         return;
     }
-    for row in rows {
-        let code = &row.entry.external_code;
-        if code.len() < usual_length && code.bytes().all(|b| b.is_ascii_digit()) {
+    for (entry, line) in rows.entries.iter().zip(&rows.lines) {
+        let code = &entry.external_code;
+        if code.len() < usual_length && is_number(code) {
             checked.push(Problem {
                 severity: Severity::Warning,
-                line: Some(row.line),
+                line: Some(*line),
                 column: Some(layout.code.clone()),
                 value: Some(code.to_string()),
                 kind: ProblemKind::LostLeadingZeros { usual_length },

@@ -17,7 +17,7 @@
 //! This module never decides what a file means ([`super::check`]) and
 //! never touches files.
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap as HashMap;
 use std::sync::{Arc, RwLock};
 
 use serde::{Deserialize, Serialize};
@@ -105,8 +105,8 @@ impl MappingVersion {
         Self {
             version: 0,
             fallback,
-            by_code: HashMap::new(),
-            by_id: HashMap::new(),
+            by_code: HashMap::default(),
+            by_id: HashMap::default(),
             info: None,
         }
     }
@@ -318,8 +318,11 @@ impl MappingStore {
             Format::FullReplacement => MappingVersion {
                 version: number,
                 fallback: self.inner.fallback,
-                by_code: HashMap::with_capacity(request.entries.len()),
-                by_id: HashMap::with_capacity(request.entries.len()),
+                by_code: HashMap::with_capacity_and_hasher(
+                    request.entries.len(),
+                    Default::default(),
+                ),
+                by_id: HashMap::with_capacity_and_hasher(request.entries.len(), Default::default()),
                 info: None,
             },
             Format::Upsert => MappingVersion {
