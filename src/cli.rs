@@ -27,6 +27,25 @@ pub enum Command {
     /// Exits 0 when the file is valid (warnings are printed on stderr), 78 when
     /// it is invalid, 66 when it cannot be read.
     CheckConfig(ConfigArgs),
+    /// Product mapping files.
+    #[command(subcommand)]
+    Mapping(MappingCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum MappingCommand {
+    /// Check a mapping CSV offline and print the report the import would write.
+    ///
+    /// Nothing is imported and the daemon need not run. Exits 0 when the
+    /// file would be imported, 1 when it would be rejected, 66 when it
+    /// cannot be read.
+    Check {
+        /// The CSV file.
+        file: PathBuf,
+        /// Take the limits (`[mapping]`) from this config file instead of the defaults.
+        #[arg(long, short, value_name = "PATH")]
+        config: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Args)]

@@ -30,7 +30,8 @@ use crate::intake::cert::{
     self, CertError, CertificateFiles, CertificateResolver, Reload, Reloader,
 };
 use crate::intake::server::{self, Services};
-use crate::orders::{self, build::BuildSettings, Catalog, IdentityCatalog, OrderApi, OrderBook};
+use crate::mapping::{self, Catalog, MappingError, MappingStore};
+use crate::orders::{self, build::BuildSettings, OrderApi, OrderBook};
 use crate::outbox::engine::{Engine, EngineBuilder, EngineError};
 use crate::smaregi::client::{ClientError, SmaregiClient};
 use crate::smaregi::executor::TransactionExecutor;
@@ -59,6 +60,8 @@ pub enum DaemonError {
     Certificate(#[from] CertError),
     #[error("[stock.downstream]: {0}")]
     Downstream(#[source] ClientError),
+    #[error("[mapping]: {0}")]
+    Mapping(#[from] MappingError),
     #[error("[listener]: cannot listen on {address}: {source}")]
     Listen {
         address: std::net::SocketAddr,
@@ -78,6 +81,7 @@ impl DaemonError {
             Self::Outbox(EngineError::Store(e)) => e.exit_code(),
             Self::Outbox(_) => crate::exit::SOFTWARE,
             Self::SmaregiClient(_) | Self::Downstream(_) => crate::exit::CONFIG,
+            Self::Mapping(e) => e.exit_code(),
             Self::Certificate(CertError::Write { .. }) => crate::exit::CANT_CREATE,
             Self::Certificate(_) => crate::exit::CONFIG,
             // Another process may still be letting go of the port.
@@ -131,11 +135,27 @@ async fn serve(loaded: LoadedConfig) -> Result<(), DaemonError> {
     // The listener tells the inbox processor of each new notification.
     let accepted = Arc::new(Notify::new());
     let started = async {
-        let catalog: Arc<dyn Catalog> = Arc::new(IdentityCatalog);
+        let mapping = {
+            let (store, fallback) = (store.clone(), config.mapping.fallback);
+            tokio::task::spawn_blocking(move || MappingStore::open(&store, fallback))
+                .await
+                .expect("opening the mapping does not panic")?
+        };
+        let catalog: Arc<dyn Catalog> = Arc::new(mapping.clone());
         let stock = StockBook::open(&store, &config.stock)?;
         let engine = outbox_engine(&store, &config, &stock, Arc::clone(&catalog))?;
+        let orders = order_book(&engine, &config, Arc::clone(&catalog))?;
         let services = Services {
-            orders: order_api(&engine, &config, Arc::clone(&catalog))?,
+            orders: orders
+                .clone()
+                .zip(config.orders.api_token.as_ref())
+                .map(|(book, token)| {
+                    Arc::new(OrderApi::new(
+                        book,
+                        SecretString::from(token.expose().to_owned()),
+                        config.orders.max_body_bytes,
+                    ))
+                }),
             stock: config.stock.api_token.as_ref().map(|token| {
                 Arc::new(StockApi::new(
                     stock.clone(),
@@ -146,9 +166,9 @@ async fn serve(loaded: LoadedConfig) -> Result<(), DaemonError> {
             accepted: Arc::clone(&accepted),
         };
         let listener = intake_listener(&store, &config, services).await?;
-        Ok::<_, DaemonError>((engine, stock, listener))
+        Ok::<_, DaemonError>((engine, stock, orders, listener, mapping))
     };
-    let (engine, stock, (listener, reloader)) = match started.await {
+    let (engine, stock, orders, (listener, reloader), mapping) = match started.await {
         Ok(started) => started,
         Err(error) => {
             store.close().await?;
@@ -197,6 +217,22 @@ async fn serve(loaded: LoadedConfig) -> Result<(), DaemonError> {
             }
         }
     });
+    if let Some(book) = orders {
+        tasks.spawn(release_held_orders(
+            book,
+            mapping.subscribe(),
+            shutdown.clone(),
+        ));
+    }
+    tasks.spawn(mapping::watch::run(
+        mapping::import::Importer::new(
+            mapping,
+            mapping::check::Rules::from_config(&config.mapping),
+            mapping::import::Folders::new(&config.drop_directory()),
+        ),
+        mapping::watch::WatchOptions::from_config(&config.mapping),
+        shutdown.clone(),
+    ));
     tasks.close();
 
     notify(&[("READY", "1"), ("STATUS", &status.line())]);
@@ -382,24 +418,45 @@ fn outbox_engine(
     Ok(engine)
 }
 
-/// The order API, if `[orders] api-token` turns it on (config validation
-/// makes sure `[smaregi]` is there too).
-fn order_api(
+/// The order book, if `[orders] api-token` turns the order API on
+/// (config validation makes sure `[smaregi]` is there too).
+fn order_book(
     engine: &Engine,
     config: &Config,
     catalog: Arc<dyn Catalog>,
-) -> Result<Option<Arc<OrderApi>>, DaemonError> {
-    let (Some(token), Some(smaregi)) = (&config.orders.api_token, &config.smaregi) else {
+) -> Result<Option<OrderBook>, DaemonError> {
+    let (Some(_), Some(smaregi)) = (&config.orders.api_token, &config.smaregi) else {
         return Ok(None);
     };
     let settings = BuildSettings::from_config(&config.orders, &smaregi.terminal_id);
     let book = OrderBook::open(engine, settings, catalog)?;
     info!(path = orders::api::PATH_PREFIX, "order API enabled");
-    Ok(Some(Arc::new(OrderApi::new(
-        book,
-        SecretString::from(token.expose().to_owned()),
-        config.orders.max_body_bytes,
-    ))))
+    Ok(Some(book))
+}
+
+/// Registers orders held for unmapped products at start-up and whenever
+/// a new mapping version becomes current.
+async fn release_held_orders(
+    book: OrderBook,
+    mut versions: tokio::sync::watch::Receiver<u64>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        match book.release_held().await {
+            Ok(0) => {}
+            Ok(released) => info!(
+                released,
+                "orders: held orders registered with the new mapping"
+            ),
+            Err(e) => {
+                warn!(error = %e, "orders: cannot release held orders; trying again with the next mapping")
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            changed = versions.changed() => if changed.is_err() { return },
+        }
+    }
 }
 
 /// Leaks a store that failed, so that sled's destructors never run on it:

@@ -13,6 +13,7 @@
 //! | [`config`] | the TOML configuration: types, named defaults, validation with file/line/column diagnostics, secret resolution |
 //! | [`store`] | the sled database: trees, key encodings, schema version, the group-committed durable commit |
 //! | [`intake`] | the TLS listener: Smaregi's notifications, stored durably before they are answered |
+//! | [`mapping`] | product mapping CSVs: formats, validation, reports, the versioned mapping, the drop-folder watcher |
 //! | [`outbox`] | the calls we owe: job model, durable per-key queue, retry policy, the engine that runs jobs, operator operations |
 //! | [`orders`] | the order API, order ledger and order → transaction building; edits as cancel then register |
 //! | [`smaregi`] | Smaregi's legacy API: client, error classes, exactly-once 取引登録/取引取消 executors |
@@ -28,6 +29,7 @@ pub mod config;
 pub mod daemon;
 pub mod exit;
 pub mod intake;
+pub mod mapping;
 pub mod orders;
 pub mod outbox;
 pub mod smaregi;

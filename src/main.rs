@@ -4,8 +4,8 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use smaregi_relay::cli::{Cli, Command};
-use smaregi_relay::{config, daemon, exit, telemetry};
+use smaregi_relay::cli::{Cli, Command, MappingCommand};
+use smaregi_relay::{config, daemon, exit, mapping, telemetry};
 
 fn main() -> ExitCode {
     let code = match Cli::parse().command {
@@ -29,6 +29,9 @@ fn main() -> ExitCode {
                 error.exit_code()
             }
         },
+        Command::Mapping(MappingCommand::Check { file, config }) => {
+            mapping::check_command(&file, config.as_deref())
+        }
     };
     ExitCode::from(code)
 }

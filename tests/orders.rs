@@ -387,3 +387,38 @@ async fn an_order_with_an_unmapped_product_is_held_or_refused_as_configured() {
     assert_eq!(sim.contract().transactions.len(), 0);
     sim.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_order_is_registered_once_a_mapping_csv_knows_its_products() {
+    let sim = simulator().await;
+    let temp = tempfile::tempdir().unwrap();
+    let (_, relay, orders) = start(temp.path(), &sim, "");
+    let mut held = order("G-1", 1, &[("101", 1000, 1)]);
+    held["lines"][0] = json!({"external_code": "TEA-500", "name": "緑茶", "unit_price": 150, "quantity": 2, "tax_rate": 8});
+    assert_eq!(orders.put(&held).await.status, 202);
+    assert_eq!(orders.get("G-1").await.body["status"], "held");
+
+    // Staff drop a mapping file: written elsewhere, renamed in whole.
+    let drop = relay.state.join("drop");
+    let staged = temp.path().join("mapping.csv");
+    std::fs::write(&staged, "smaregi-id,external-code\r\n8000500,TEA-500\r\n").unwrap();
+    std::fs::rename(&staged, drop.join("mapping.csv")).unwrap();
+
+    let state = orders
+        .wait_for("G-1", |state| state["status"] == "active")
+        .await;
+    assert_eq!(state["events"][1]["action"], "register", "{state:#}");
+    orders.settled(&["G-1".into()]).await;
+    let contract = sim.contract();
+    let registered = contract.transactions.values().next().expect("registered");
+    assert_eq!(
+        registered.details[0].get("productId").map(String::as_str),
+        Some("8000500")
+    );
+    assert_eq!(
+        standing_sales(&sim).unwrap()["G-1"],
+        vec![(1, 150 * 2 + 500)]
+    );
+    assert!(relay.stop().success());
+    sim.stop().await;
+}

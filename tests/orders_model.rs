@@ -11,10 +11,11 @@ use std::time::Duration;
 
 use proptest::prelude::*;
 use smaregi_relay::config::{self, Config};
+use smaregi_relay::mapping::IdentityCatalog;
 use smaregi_relay::orders::book::{Cancel, OrderBookError, Put};
 use smaregi_relay::orders::build::BuildSettings;
 use smaregi_relay::orders::model::validate_order;
-use smaregi_relay::orders::{IdentityCatalog, OrderBook};
+use smaregi_relay::orders::OrderBook;
 use smaregi_relay::outbox::engine::{Engine, EngineBuilder};
 use smaregi_relay::outbox::job::JobState;
 use smaregi_relay::smaregi::client::SmaregiClient;

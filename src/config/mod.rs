@@ -82,6 +82,22 @@ pub mod defaults {
     pub const ORDERS_SUM_DIVISION: u8 = 2;
     pub const ORDERS_MAX_BODY_BYTES: u64 = 1024 * 1024;
     pub const MAPPING_FALLBACK: super::MappingFallback = super::MappingFallback::Identity;
+    /// Inotify events; `poll` is for drop folders on network filesystems.
+    pub const MAPPING_WATCH: super::MappingWatch = super::MappingWatch::Events;
+    /// How often a polling watcher looks at the drop folder.
+    pub const MAPPING_POLL_INTERVAL_SECONDS: u64 = 5;
+    /// A full rescan of the drop folder catches anything an event missed.
+    pub const MAPPING_RESCAN_INTERVAL_SECONDS: u64 = 300;
+    /// A file's size and mtime must stay unchanged this long before it is taken.
+    pub const MAPPING_SETTLE_MILLISECONDS: u64 = 1000;
+    /// Larger mapping files are rejected unread (a 1,000,000-row file is about 30 MB).
+    pub const MAPPING_MAX_FILE_BYTES: u64 = 64 * 1024 * 1024;
+    /// Mapping files with more data rows are rejected.
+    pub const MAPPING_MAX_ROWS: u64 = 2_000_000;
+    /// External codes are 1 to this many characters …
+    pub const MAPPING_EXTERNAL_CODE_MAX_LENGTH: u32 = 30;
+    /// … of half-width letters, digits and these symbols.
+    pub const MAPPING_EXTERNAL_CODE_SYMBOLS: &str = "-_.";
     pub const OUTBOX_WORKERS: u16 = 4;
     pub const OUTBOX_MAX_AGE_HOURS: u64 = 72;
     /// Immediately, 5 s, 30 s, 2 min, 10 min, 30 min, 1 h …
@@ -379,6 +395,22 @@ pub struct MappingConfig {
     /// Defaults to `drop/` in the state directory.
     pub drop_directory: Option<PathBuf>,
     pub fallback: MappingFallback,
+    /// How changes in the drop folder are noticed.
+    pub watch: MappingWatch,
+    /// With `watch = "poll"`: how often the folder is looked at.
+    pub poll_interval_seconds: u64,
+    /// How often the whole folder is rescanned, whatever the events said.
+    pub rescan_interval_seconds: u64,
+    /// How long a file's size and mtime must stay unchanged before it is taken.
+    pub settle_milliseconds: u64,
+    /// Larger files are rejected.
+    pub max_file_bytes: u64,
+    /// Files with more data rows are rejected.
+    pub max_rows: u64,
+    /// Longest external code, in characters.
+    pub external_code_max_length: u32,
+    /// Symbols allowed in external codes besides half-width letters and digits.
+    pub external_code_symbols: String,
 }
 
 impl Default for MappingConfig {
@@ -386,8 +418,27 @@ impl Default for MappingConfig {
         Self {
             drop_directory: None,
             fallback: defaults::MAPPING_FALLBACK,
+            watch: defaults::MAPPING_WATCH,
+            poll_interval_seconds: defaults::MAPPING_POLL_INTERVAL_SECONDS,
+            rescan_interval_seconds: defaults::MAPPING_RESCAN_INTERVAL_SECONDS,
+            settle_milliseconds: defaults::MAPPING_SETTLE_MILLISECONDS,
+            max_file_bytes: defaults::MAPPING_MAX_FILE_BYTES,
+            max_rows: defaults::MAPPING_MAX_ROWS,
+            external_code_max_length: defaults::MAPPING_EXTERNAL_CODE_MAX_LENGTH,
+            external_code_symbols: defaults::MAPPING_EXTERNAL_CODE_SYMBOLS.to_owned(),
         }
     }
+}
+
+/// How the drop folder is watched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MappingWatch {
+    /// inotify: close-after-write and rename-into-folder events.
+    Events,
+    /// Looking at the folder every `poll-interval-seconds`: for network
+    /// filesystems (Samba, NFS), whose changes inotify does not see.
+    Poll,
 }
 
 /// What a product id that the mapping does not list maps to.

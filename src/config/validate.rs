@@ -318,7 +318,59 @@ impl Validate for OutboxConfig {
 }
 
 impl Validate for MappingConfig {
-    fn validate(&self, _: &mut Vec<Problem>) {}
+    fn validate(&self, problems: &mut Vec<Problem>) {
+        let ranges: [(&'static [&'static str], u64, std::ops::RangeInclusive<u64>); 6] = [
+            (
+                &["mapping", "poll-interval-seconds"],
+                self.poll_interval_seconds,
+                1..=3600,
+            ),
+            (
+                &["mapping", "rescan-interval-seconds"],
+                self.rescan_interval_seconds,
+                1..=86_400,
+            ),
+            (
+                &["mapping", "settle-milliseconds"],
+                self.settle_milliseconds,
+                0..=60_000,
+            ),
+            (
+                &["mapping", "max-file-bytes"],
+                self.max_file_bytes,
+                1024..=1024 * 1024 * 1024,
+            ),
+            (&["mapping", "max-rows"], self.max_rows, 1..=10_000_000),
+            (
+                &["mapping", "external-code-max-length"],
+                u64::from(self.external_code_max_length),
+                1..=255,
+            ),
+        ];
+        for (key, value, range) in ranges {
+            check(
+                problems,
+                range.contains(&value),
+                key,
+                format!(
+                    "must be between {} and {}, not {value}",
+                    range.start(),
+                    range.end()
+                ),
+            );
+        }
+        check(
+            problems,
+            self.external_code_symbols
+                .chars()
+                .all(|c| c.is_ascii_punctuation() && !matches!(c, ',' | '"')),
+            &["mapping", "external-code-symbols"],
+            format!(
+                "`{}` may hold only half-width symbols other than `,` and `\"`, e.g. \"-_.\"",
+                self.external_code_symbols
+            ),
+        );
+    }
 }
 
 impl Validate for StockConfig {
@@ -524,6 +576,29 @@ fn check_endpoint(endpoint: &str) -> Result<(), String> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn mapping_limits_and_code_symbols_are_checked() {
+        let mut problems = Vec::new();
+        MappingConfig::default().validate(&mut problems);
+        assert_eq!(problems, []);
+        let bad = MappingConfig {
+            max_rows: 0,
+            external_code_max_length: 300,
+            external_code_symbols: "-,".into(),
+            ..MappingConfig::default()
+        };
+        bad.validate(&mut problems);
+        let keys: Vec<_> = problems.iter().map(|p| p.key[1]).collect();
+        assert_eq!(
+            keys,
+            [
+                "max-rows",
+                "external-code-max-length",
+                "external-code-symbols"
+            ]
+        );
+    }
 
     #[test]
     fn endpoints_must_be_tls_except_to_loopback() {

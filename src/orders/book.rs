@@ -36,6 +36,7 @@ use std::sync::Arc;
 use super::build::{build_sale, BuildError, BuildSettings, UnmappedLine};
 use super::model::Order;
 use crate::config::UnmappedPolicy;
+use crate::mapping::Catalog;
 use crate::outbox::engine::Engine;
 use crate::outbox::job::Job;
 use crate::outbox::queue::{Queue, QueueError};
@@ -150,35 +151,6 @@ pub enum OrderBookError {
     Ledger(#[from] LedgerError),
     #[error("{0}")]
     Store(#[from] StoreError),
-}
-
-/// The products the mapping knows, both ways, and its version.
-pub trait Catalog: Send + Sync + 'static {
-    /// External code → Smaregi 商品ID.
-    fn smaregi_id_for(&self, external_code: &str) -> Option<String>;
-    /// Smaregi 商品ID → external code.
-    fn external_code_for(&self, smaregi_product_id: &str) -> Option<String>;
-    /// The mapping version answers come from (0: none imported).
-    fn version(&self) -> u64;
-}
-
-/// The catalog before any mapping exists: a code that is a valid 商品ID
-/// is that product, and the other way round.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct IdentityCatalog;
-
-impl Catalog for IdentityCatalog {
-    fn smaregi_id_for(&self, code: &str) -> Option<String> {
-        super::model::valid_smaregi_product_id(code).then(|| code.to_owned())
-    }
-
-    fn external_code_for(&self, id: &str) -> Option<String> {
-        Some(id.to_owned())
-    }
-
-    fn version(&self) -> u64 {
-        0
-    }
 }
 
 /// The order ledger and the jobs it stages. Cheap to clone.

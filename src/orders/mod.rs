@@ -13,4 +13,4 @@ pub mod build;
 pub mod model;
 
 pub use api::OrderApi;
-pub use book::{Catalog, IdentityCatalog, OrderBook};
+pub use book::OrderBook;

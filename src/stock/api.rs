@@ -17,7 +17,7 @@ use subtle::ConstantTimeEq;
 use tracing::warn;
 
 use super::book::StockBook;
-use crate::orders::Catalog;
+use crate::mapping::Catalog;
 
 pub const PATH: &str = "/api/v1/stock";
 

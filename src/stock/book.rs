@@ -42,7 +42,7 @@ use super::notice::{read_notice, StockHint, StockNotice};
 use super::sign;
 use crate::config::{Clamp, DownstreamConfig, StockConfig, StockSource};
 use crate::intake::inbox::{Entry, Inbox, InboxError};
-use crate::orders::Catalog;
+use crate::mapping::Catalog;
 use crate::outbox::engine::{AttemptOutcome, BoxFuture, EngineBuilder, Executor};
 use crate::outbox::job::{Job, NewJob};
 use crate::outbox::queue::{Queue, QueueError};

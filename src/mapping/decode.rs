@@ -1,0 +1,206 @@
+//! Bytes of a staff file → text: UTF-8 (with or without BOM) or
+//! Shift_JIS/CP932, detected. Pure; no I/O.
+//!
+//! Detection order: a UTF-8 BOM means UTF-8; otherwise valid UTF-8 is
+//! UTF-8 (plain ASCII is both, and reads the same); otherwise valid
+//! Shift_JIS (encoding_rs's, which is Windows-31J/CP932 as Excel writes
+//! it) is Shift_JIS. Anything else is refused with the line of the first
+//! byte neither reads, never decoded with replacement characters: a code
+//! with a `�` in it would be a wrong mapping.
+
+use encoding_rs::SHIFT_JIS;
+
+/// The encoding a file was read in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TextEncoding {
+    Utf8,
+    Utf8WithBom,
+    ShiftJis,
+}
+
+impl TextEncoding {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Utf8 => "UTF-8",
+            Self::Utf8WithBom => "UTF-8 (BOM)",
+            Self::ShiftJis => "Shift_JIS (CP932)",
+        }
+    }
+}
+
+/// Why a file's bytes are not text we read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DecodeError {
+    /// NUL bytes: a binary file (a spreadsheet saved as .xlsx, an image …).
+    Binary,
+    /// A UTF-16 byte-order mark (Excel's "Unicode text").
+    Utf16,
+    /// Neither UTF-8 nor Shift_JIS; the 1-based line of the first byte that
+    /// does not decode in the encoding the file most looks like.
+    Undecodable { line: u64, tried: TextEncoding },
+}
+
+const UTF8_BOM: &[u8] = b"\xEF\xBB\xBF";
+
+/// Decodes a whole file. UTF-8 input is moved, not copied.
+pub fn decode(bytes: Vec<u8>) -> Result<(String, TextEncoding), DecodeError> {
+    if bytes.starts_with(b"\xFF\xFE") || bytes.starts_with(b"\xFE\xFF") {
+        return Err(DecodeError::Utf16);
+    }
+    if memchr_nul(&bytes) {
+        return Err(DecodeError::Binary);
+    }
+    if let Some(rest) = bytes.strip_prefix(UTF8_BOM) {
+        return match std::str::from_utf8(rest) {
+            Ok(text) => Ok((text.to_owned(), TextEncoding::Utf8WithBom)),
+            Err(e) => Err(DecodeError::Undecodable {
+                line: line_of(rest, e.valid_up_to()),
+                tried: TextEncoding::Utf8WithBom,
+            }),
+        };
+    }
+    let utf8_error = match String::from_utf8(bytes) {
+        Ok(text) => return Ok((text, TextEncoding::Utf8)),
+        Err(e) => e,
+    };
+    let utf8_valid_up_to = utf8_error.utf8_error().valid_up_to();
+    let bytes = utf8_error.into_bytes();
+    match SHIFT_JIS.decode_without_bom_handling_and_without_replacement(&bytes) {
+        Some(text) => Ok((text.into_owned(), TextEncoding::ShiftJis)),
+        None => {
+            let sjis_valid_up_to = shift_jis_valid_up_to(&bytes);
+            // Report against the encoding that read further: that is the
+            // one the file was meant to be in.
+            if utf8_valid_up_to > sjis_valid_up_to {
+                Err(DecodeError::Undecodable {
+                    line: line_of(&bytes, utf8_valid_up_to),
+                    tried: TextEncoding::Utf8,
+                })
+            } else {
+                Err(DecodeError::Undecodable {
+                    line: line_of(&bytes, sjis_valid_up_to),
+                    tried: TextEncoding::ShiftJis,
+                })
+            }
+        }
+    }
+}
+
+fn memchr_nul(bytes: &[u8]) -> bool {
+    bytes.contains(&0)
+}
+
+/// The 1-based line holding byte `offset`.
+fn line_of(bytes: &[u8], offset: usize) -> u64 {
+    bytes[..offset.min(bytes.len())]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count() as u64
+        + 1
+}
+
+/// How many leading bytes decode as Shift_JIS.
+fn shift_jis_valid_up_to(bytes: &[u8]) -> usize {
+    let mut decoder = SHIFT_JIS.new_decoder_without_bom_handling();
+    let mut out = String::with_capacity(bytes.len() * 3 + 16);
+    let (result, read) = decoder.decode_to_string_without_replacement(bytes, &mut out, true);
+    match result {
+        encoding_rs::DecoderResult::Malformed(bad, after) => {
+            read.saturating_sub(usize::from(bad) + usize::from(after))
+        }
+        _ => read,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn sjis(text: &str) -> Vec<u8> {
+        let (bytes, _, unmappable) = SHIFT_JIS.encode(text);
+        assert!(!unmappable);
+        bytes.into_owned()
+    }
+
+    #[test]
+    fn utf8_with_and_without_bom() {
+        let plain = "スマレジ商品ID,外部コード\n1,A\n";
+        assert_eq!(
+            decode(plain.as_bytes().to_vec()),
+            Ok((plain.to_owned(), TextEncoding::Utf8))
+        );
+        let mut bom = UTF8_BOM.to_vec();
+        bom.extend_from_slice(plain.as_bytes());
+        assert_eq!(
+            decode(bom),
+            Ok((plain.to_owned(), TextEncoding::Utf8WithBom))
+        );
+    }
+
+    #[test]
+    fn shift_jis_is_detected() {
+        let text = "スマレジ商品ID,外部コード\r\n1,Ａ①髙\r\n";
+        assert_eq!(
+            decode(sjis(text)),
+            Ok((text.to_owned(), TextEncoding::ShiftJis))
+        );
+    }
+
+    #[test]
+    fn a_truncated_shift_jis_character_names_its_line() {
+        let mut bytes = sjis("スマレジ商品ID,外部コード\n1,コード\n2,");
+        bytes.push(0x83); // the first byte of a two-byte character, alone
+        assert_eq!(
+            decode(bytes),
+            Err(DecodeError::Undecodable {
+                line: 3,
+                tried: TextEncoding::ShiftJis
+            })
+        );
+    }
+
+    #[test]
+    fn a_truncated_utf8_character_names_its_line() {
+        let mut bytes = "smaregi-id,external-code\n1,コード\n".as_bytes().to_vec();
+        bytes.extend_from_slice(&"2,コ".as_bytes()[..4]);
+        assert_eq!(
+            decode(bytes),
+            Err(DecodeError::Undecodable {
+                line: 3,
+                tried: TextEncoding::Utf8
+            })
+        );
+    }
+
+    #[test]
+    fn binary_and_utf16_are_refused() {
+        assert_eq!(
+            decode(b"PK\x03\x04\x00\x00".to_vec()),
+            Err(DecodeError::Binary)
+        );
+        assert_eq!(decode(b"\xFF\xFEs\x00".to_vec()), Err(DecodeError::Utf16));
+    }
+
+    proptest! {
+        #[test]
+        fn any_utf8_text_decodes_to_itself(text in "[^\u{0}\u{feff}][^\u{0}]*") {
+            prop_assert_eq!(decode(text.clone().into_bytes()), Ok((text, TextEncoding::Utf8)));
+        }
+
+        #[test]
+        fn shift_jis_text_decodes_to_itself(text in "[a-zA-Z0-9,\n\"アイウエオカナ漢字商品コード０-９]{0,40}") {
+            let (decoded, encoding) = decode(sjis(&text)).unwrap();
+            prop_assert_eq!(&decoded, &text);
+            // ASCII-only text is valid UTF-8 as well, and reads the same.
+            if !text.is_ascii() {
+                prop_assert_eq!(encoding, TextEncoding::ShiftJis);
+            }
+        }
+
+        #[test]
+        fn decoding_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let _ = decode(bytes);
+        }
+    }
+}
