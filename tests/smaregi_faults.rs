@@ -134,9 +134,12 @@ fn check_exactly_once(sim: &Simulator, expected: &Expected) -> Result<(), String
 
 /// The relay's settings for a campaign: a short timeout, immediate
 /// retries, 16 workers, and Smaregi's pace lifted to the config's ceiling.
+/// No stock back-fill: the campaign counts the outbox's jobs, all of them
+/// registrations and cancels.
 const CAMPAIGN_SETTINGS: &str = "request-timeout-seconds = 1\n\
     [outbox]\nworkers = 16\nretry-schedule-seconds = [0, 0, 0, 0, 0]\nretry-repeat-seconds = 1\n\
-    [outbox.rate-limit.smaregi]\nper-second = 1000.0\nburst = 1000\n";
+    [outbox.rate-limit.smaregi]\nper-second = 1000.0\nburst = 1000\n\
+    [stock]\nbackfill-interval-minutes = 0\n";
 
 /// Enqueues `orders` registrations, every third with its cancel; what
 /// Smaregi must end up holding, and the number of jobs.
