@@ -30,6 +30,93 @@ pub enum Command {
     /// Product mapping files.
     #[command(subcommand)]
     Mapping(MappingCommand),
+    /// Show whether everything is flowing: the outbox, pauses, blocked keys.
+    ///
+    /// Exits 0 when the daemon answered, 69 when it cannot be reached.
+    Status(ControlArgs),
+    /// The outbox: the calls owed to Smaregi and to the store's EC side.
+    #[command(subcommand)]
+    Outbox(OutboxCommand),
+    /// Stop delivering to an upstream (停止); notifications and orders are
+    /// still accepted and queued. Survives restarts until `resume`.
+    Pause {
+        /// `smaregi` or `downstream`.
+        #[arg(default_value = "smaregi")]
+        upstream: String,
+        /// Why, for whoever looks at `status` next.
+        #[arg(long)]
+        reason: Option<String>,
+        #[command(flatten)]
+        control: ControlArgs,
+    },
+    /// Deliver to an upstream again (稼働).
+    Resume {
+        #[arg(default_value = "smaregi")]
+        upstream: String,
+        #[command(flatten)]
+        control: ControlArgs,
+    },
+}
+
+/// How to reach the running daemon.
+#[derive(Debug, Args)]
+pub struct ControlArgs {
+    /// The configuration file, for `[admin] control-socket`.
+    #[arg(long, short, value_name = "PATH", default_value = DEFAULT_CONFIG_PATH)]
+    pub config: PathBuf,
+    /// The control socket, instead of the config's.
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    /// Print the daemon's answer as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum OutboxCommand {
+    /// List jobs, oldest first.
+    List {
+        /// pending, parked, done or discarded.
+        #[arg(long)]
+        state: Option<String>,
+        /// e.g. smaregi.transaction-register, stock.push.
+        #[arg(long)]
+        kind: Option<String>,
+        /// An ordering key, e.g. order:EC-1.
+        #[arg(long)]
+        key: Option<String>,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        #[command(flatten)]
+        control: ControlArgs,
+    },
+    /// Show one job with its attempt history.
+    Show {
+        id: u64,
+        #[command(flatten)]
+        control: ControlArgs,
+    },
+    /// Attempt a parked job (or a waiting one) now.
+    Retry {
+        #[arg(required_unless_present = "all_parked", conflicts_with = "all_parked")]
+        id: Option<u64>,
+        /// Every parked job.
+        #[arg(long)]
+        all_parked: bool,
+        #[command(flatten)]
+        control: ControlArgs,
+    },
+    /// Give a job up for good, with a reason kept for audit.
+    Discard {
+        id: u64,
+        #[arg(long)]
+        reason: String,
+        /// Confirm: a discarded call is never made.
+        #[arg(long)]
+        yes: bool,
+        #[command(flatten)]
+        control: ControlArgs,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -26,6 +26,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
 use crate::config::{self, Config, ConfigError, LoadedConfig};
+use crate::control;
 use crate::intake::cert::{
     self, CertError, CertificateFiles, CertificateResolver, Reload, Reloader,
 };
@@ -211,12 +212,37 @@ async fn serve(loaded: LoadedConfig) -> Result<(), DaemonError> {
     }
     tasks.spawn({
         let shutdown = shutdown.clone();
+        let engine = engine.clone();
         async move {
             if let Err(e) = engine.run(shutdown).await {
                 error!(error = %e, "outbox engine stopped");
             }
         }
     });
+    let control_path = config.admin.control_socket.clone();
+    match control::server::bind(&control_path) {
+        Ok(socket) => {
+            let control = Arc::new(control::server::Control {
+                engine: engine.clone(),
+                catalog: Arc::new(mapping.clone()),
+                started: std::time::Instant::now(),
+                listening: status.line(),
+            });
+            info!(path = %control_path.display(), "control socket ready");
+            tasks.spawn(control::server::serve(
+                socket,
+                control_path,
+                control,
+                shutdown.clone(),
+            ));
+        }
+        // The relay's work goes on; only the operator commands are lost.
+        Err(e) => error!(
+            path = %control_path.display(),
+            error = %e,
+            "cannot open the control socket: operator commands will not reach this daemon"
+        ),
+    }
     if let Some(book) = orders {
         tasks.spawn(release_held_orders(
             book,

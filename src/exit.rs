@@ -22,3 +22,9 @@ pub const IO_ERROR: u8 = 74;
 pub const TEMP_FAIL: u8 = 75;
 /// The configuration is invalid (`EX_CONFIG`). systemd must not restart on it.
 pub const CONFIG: u8 = 78;
+/// An operator command the daemon refused: no such job, or not now.
+pub const REFUSED: u8 = 1;
+/// The command line was wrong, or a confirmation was missing (`EX_USAGE`).
+pub const USAGE: u8 = 64;
+/// The daemon could not be reached or could not answer (`EX_UNAVAILABLE`).
+pub const UNAVAILABLE: u8 = 69;

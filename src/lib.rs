@@ -20,12 +20,14 @@
 //! | [`stock`] | stock notices → the stock mirror → signed batches to the store's EC side |
 //! | [`tls`] | rustls client configuration for outgoing calls |
 //! | [`telemetry`] | tracing set-up: journald under systemd, human-readable stderr otherwise |
+//! | [`control`] | the control socket: protocol, the daemon's server, the operator commands' client |
 //! | [`daemon`] | wiring, start-up order, sd_notify, the shutdown token and drain deadline |
 //! | [`cli`] | the command-line definition shared by the binary (and, later, completions and man page) |
 //! | [`exit`] | the process exit codes that scripts and systemd rely on |
 
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod daemon;
 pub mod exit;
 pub mod intake;

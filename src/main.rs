@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use smaregi_relay::cli::{Cli, Command, MappingCommand};
-use smaregi_relay::{config, daemon, exit, mapping, telemetry};
+use smaregi_relay::{config, control, daemon, exit, mapping, telemetry};
 
 fn main() -> ExitCode {
     let code = match Cli::parse().command {
@@ -31,6 +31,9 @@ fn main() -> ExitCode {
         },
         Command::Mapping(MappingCommand::Check { file, config }) => {
             mapping::check_command(&file, config.as_deref())
+        }
+        operator => {
+            control::client::run_cli(operator).expect("every other command is an operator command")
         }
     };
     ExitCode::from(code)

@@ -253,15 +253,25 @@ async fn jobs_of_one_key_run_in_order_while_keys_run_concurrently() {
         log: Arc<Mutex<HashMap<String, Vec<u64>>>>,
         concurrent: Arc<AtomicUsize>,
         most_concurrent: Arc<AtomicUsize>,
+        started: tokio::sync::watch::Sender<usize>,
     }
     impl Executor for Recording {
         fn execute<'a>(&'a self, job: &'a Job) -> BoxFuture<'a, AttemptOutcome> {
             Box::pin(async move {
                 let now = self.concurrent.fetch_add(1, Ordering::SeqCst) + 1;
                 self.most_concurrent.fetch_max(now, Ordering::SeqCst);
-                // Yield so that other attempts interleave with this one.
-                for _ in 0..3 {
-                    tokio::task::yield_now().await;
+                self.started.send_modify(|n| *n += 1);
+                // Until two attempts have overlapped once, an attempt waits
+                // for another to start: an engine that ran keys one at a
+                // time never gets there, and the assertion below fails.
+                if self.most_concurrent.load(Ordering::SeqCst) < 2 {
+                    let mut started = self.started.subscribe();
+                    let seen = *started.borrow();
+                    let _ = tokio::time::timeout(
+                        common::EVENT_DEADLINE,
+                        started.wait_for(|&n| n > seen),
+                    )
+                    .await;
                 }
                 self.log
                     .lock()
@@ -278,6 +288,7 @@ async fn jobs_of_one_key_run_in_order_while_keys_run_concurrently() {
         log: Arc::clone(&log),
         concurrent: Arc::clone(&concurrent),
         most_concurrent: Arc::clone(&most_concurrent),
+        started: tokio::sync::watch::channel(0).0,
     });
     let mut harness = Harness::start(|builder| builder.executor("t.record", UPSTREAM, executor));
     let mut enqueued: HashMap<String, Vec<u64>> = HashMap::new();

@@ -287,6 +287,11 @@ impl Engine {
         &self.inner.store
     }
 
+    /// The upstreams of the registered executors, sorted.
+    pub fn upstreams(&self) -> &[String] {
+        &self.inner.upstreams
+    }
+
     /// Enqueues a job and commits it; returns its id once durable.
     pub async fn enqueue(&self, new: &NewJob) -> Result<u64, EngineError> {
         let id = self.inner.queue.enqueue(new, self.inner.clock.now())?;

@@ -43,6 +43,12 @@ pub fn write_config(dir: &Path, extra: &str) -> PathBuf {
     } else {
         format!("{text}\n[listener]\naddress = \"127.0.0.1:0\"\n")
     };
+    // Each test daemon's control socket beside its config.
+    let text = if extra.contains("[admin]") {
+        text
+    } else {
+        format!("{text}\n[admin]\ncontrol-socket = \"control.sock\"\n")
+    };
     write_file(dir, "config.toml", &text, 0o640)
 }
 

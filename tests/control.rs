@@ -1,0 +1,160 @@
+//! The operator commands against a running daemon, over its control
+//! socket: `status`, `outbox list|show|retry|discard`, `pause`, `resume`,
+//! and what the socket does with garbage.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+
+use common::downstream::{Downstream, DOWNSTREAM_SECRET};
+use common::smaregi::{simulator, ACCESS_TOKEN, CONTRACT_ID, TERMINAL};
+use common::{run_relay, RunningDaemon, INTAKE_SECRET};
+use serde_json::{json, Value};
+use smaregi_sim::sender::Sender;
+
+/// Runs an operator command with the test's config; (code, stdout, stderr).
+fn relay(config: &Path, args: &[&str]) -> (i32, String, String) {
+    let mut all: Vec<&str> = args.to_vec();
+    all.extend(["--config", config.to_str().unwrap()]);
+    run_relay(&all, &[])
+}
+
+fn relay_json(config: &Path, args: &[&str]) -> Value {
+    let mut all: Vec<&str> = args.to_vec();
+    all.push("--json");
+    let (code, stdout, stderr) = relay(config, &all);
+    assert_eq!(code, 0, "{args:?}: {stderr}");
+    serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{args:?}: {e}: {stdout}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operators_see_and_fix_a_parked_job_and_pause_delivery() {
+    let sim = simulator().await;
+    let downstream = Downstream::start().await;
+    let temp = tempfile::tempdir().unwrap();
+    common::write_file(temp.path(), "smaregi-token", ACCESS_TOKEN, 0o600);
+    common::write_file(temp.path(), "downstream-secret", DOWNSTREAM_SECRET, 0o600);
+    let config = common::write_config(
+        temp.path(),
+        &format!(
+            "[smaregi]\nendpoint = \"{}\"\ncontract-id = \"{CONTRACT_ID}\"\n\
+             access-token = {{ file = \"smaregi-token\" }}\nterminal-id = \"{TERMINAL}\"\n\n\
+             [stock]\nbackfill-interval-minutes = 0\n\n\
+             [stock.downstream]\nurl = \"{}\"\nsecret = {{ file = \"downstream-secret\" }}\n",
+            sim.url(),
+            downstream.url()
+        ),
+    );
+    let relay_daemon = RunningDaemon::start(temp.path(), &config);
+
+    let status = relay_json(&config, &["status"]);
+    assert_eq!(status["outbox"]["parked"], 0);
+    assert_eq!(status["version"], env!("CARGO_PKG_VERSION"));
+    let (code, human, _) = relay(&config, &["status"]);
+    assert_eq!(code, 0);
+    assert!(human.contains("正常 (all well)"), "{human}");
+
+    // The EC side refuses a stock batch: the push job parks.
+    downstream.answer(400);
+    sim.with_contract(|c| c.set_stock("1", "501", 4, 1));
+    let sender = Sender::new(Some(&relay_daemon.certificate())).unwrap();
+    let params =
+        json!({"data": [{"table_name": "Stock", "rows": [{"storeId": "1", "productId": "501"}]}]});
+    let (answer, _) = sender
+        .send(
+            &relay_daemon.url("/smaregi/notify"),
+            "stock_send",
+            &params,
+            &[("relay_secret".into(), INTAKE_SECRET.into())],
+        )
+        .await
+        .unwrap();
+    assert_eq!(answer, 200);
+    let mut log = downstream.log.clone();
+    tokio::time::timeout(common::EVENT_DEADLINE, log.wait_for(|l| l.refused > 0))
+        .await
+        .unwrap()
+        .unwrap();
+    // Parking is recorded just after the refusal; nothing outside the
+    // daemon can be told, so poll, with a deadline.
+    let deadline = std::time::Instant::now() + common::EVENT_DEADLINE;
+    let parked = loop {
+        let list = relay_json(&config, &["outbox", "list", "--state", "parked"]);
+        if let Some(job) = list.as_array().unwrap().first() {
+            break job.clone();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the push never parked"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert_eq!(parked["kind"], "stock.push");
+    let id = parked["id"].as_u64().unwrap().to_string();
+    let shown = relay_json(&config, &["outbox", "show", &id]);
+    assert!(
+        shown["last-error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("400"),
+        "{shown}"
+    );
+    let (_, human, _) = relay(&config, &["status"]);
+    assert!(human.contains("要対応 (needs attention)"), "{human}");
+    assert!(human.contains("blocked: stock-push"), "{human}");
+
+    // A discard needs --yes; without it nothing changes.
+    let (code, _, stderr) = relay(&config, &["outbox", "discard", &id, "--reason", "test"]);
+    assert_eq!(code, 64, "{stderr}");
+    assert!(stderr.contains("--yes"), "{stderr}");
+    assert_eq!(
+        relay_json(&config, &["outbox", "show", &id])["state"],
+        "parked"
+    );
+    // Retry after the EC side is fixed: delivered.
+    downstream.answer(200);
+    assert_eq!(relay(&config, &["outbox", "retry", &id]).0, 0);
+    let mut log = downstream.log.clone();
+    tokio::time::timeout(common::EVENT_DEADLINE, log.wait_for(|l| l.batches > 0))
+        .await
+        .unwrap()
+        .unwrap();
+    // Unknown jobs: exit 1 with the reason.
+    let (code, _, stderr) = relay(&config, &["outbox", "retry", "999999999"]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("no job 999999999"), "{stderr}");
+
+    // 停止 and 稼働.
+    assert_eq!(
+        relay(&config, &["pause", "smaregi", "--reason", "棚卸中"]).0,
+        0
+    );
+    let status = relay_json(&config, &["status"]);
+    assert_eq!(status["outbox"]["paused"]["smaregi"]["reason"], "棚卸中");
+    assert_eq!(relay(&config, &["pause", "nowhere"]).0, 1);
+    assert_eq!(relay(&config, &["resume"]).0, 0);
+    assert!(relay_json(&config, &["status"])["outbox"]["paused"]
+        .as_object()
+        .unwrap()
+        .is_empty());
+
+    // Garbage and a huge frame on the socket: refused, daemon unaffected.
+    let socket = temp.path().join("control.sock");
+    for garbage in [b"hello\n".to_vec(), vec![b'x'; 200_000]] {
+        let mut stream = UnixStream::connect(&socket).unwrap();
+        let _ = stream.write_all(&garbage);
+        let _ = stream.shutdown(std::net::Shutdown::Write);
+        let mut answer = String::new();
+        let _ = stream.read_to_string(&mut answer);
+        assert!(answer.contains("bad-request"), "{answer}");
+    }
+    assert_eq!(relay(&config, &["status"]).0, 0);
+
+    assert!(relay_daemon.stop().success());
+    let (code, _, stderr) = relay(&config, &["status"]);
+    assert_eq!(code, 69, "a stopped daemon: {stderr}");
+    assert!(stderr.contains("cannot reach the daemon"), "{stderr}");
+    sim.stop().await;
+}
