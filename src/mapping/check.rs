@@ -59,7 +59,7 @@ impl Format {
 pub struct Entry {
     /// Smaregi's 商品ID; leading zeros are not significant.
     pub smaregi_id: u64,
-    pub external_code: std::sync::Arc<str>,
+    pub external_code: Box<str>,
 }
 
 /// A column of the file: its position and its header as written.

@@ -336,7 +336,7 @@ impl MappingStore {
         drop(current);
         let applied_rows = request.entries.len() as u64;
         for entry in request.entries {
-            version.insert(entry.smaregi_id, entry.external_code);
+            version.insert(entry.smaregi_id, Arc::from(entry.external_code));
         }
         let mut writer = ChunkWriter::new();
         let mut index = 0u32;
