@@ -3,7 +3,7 @@
 //!
 //! This module owns the mapping CSV formats and their rules
 //! ([`decode`], [`check`], [`report`] — pure, no I/O), the versioned
-//! mapping in sled ([`store`]), the import of one file with its outcome
+//! mapping in sled ([`store`], its entries packed by [`chunk`]), the import of one file with its outcome
 //! ([`import`]) and the drop-folder watcher ([`watch`]).
 //!
 //! It must never make a file's contents live in part: a file is checked
