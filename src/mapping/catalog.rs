@@ -26,7 +26,7 @@ impl Catalog for IdentityCatalog {
     }
 
     fn external_code_for(&self, id: &str) -> Option<String> {
-        Some(id.to_owned())
+        self.smaregi_id_for(id)
     }
 
     fn version(&self) -> u64 {

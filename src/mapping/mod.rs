@@ -3,9 +3,10 @@
 //!
 //! This module owns the mapping CSV formats and their rules
 //! ([`decode`], [`check`], [`report`] — pure, no I/O), the versioned
-//! mapping in sled ([`store`]), the import of one file with its outcome
-//! ([`import`]), the drop-folder watcher ([`watch`]), and the look-ups
-//! the rest of the relay makes ([`catalog`]).
+//! mapping in sled ([`store`], its entries packed by [`chunk`]), the
+//! import of one file with its outcome ([`import`]), the drop-folder
+//! watcher ([`watch`]), and the look-ups the rest of the relay makes
+//! ([`catalog`]).
 //!
 //! It must never make a file's contents live in part: a file is checked
 //! whole, and either becomes the new current version atomically and
