@@ -121,6 +121,33 @@ pub enum OutboxCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum MappingCommand {
+    /// The current mapping version: its file, time and row counts.
+    Status(ControlArgs),
+    /// Look a product up in the current mapping, either way.
+    Lookup {
+        /// An external code (the EC side's).
+        #[arg(
+            long,
+            conflicts_with = "smaregi_id",
+            required_unless_present = "smaregi_id"
+        )]
+        external_code: Option<String>,
+        /// A Smaregi 商品ID.
+        #[arg(long)]
+        smaregi_id: Option<String>,
+        #[command(flatten)]
+        control: ControlArgs,
+    },
+    /// Every mapping version kept, oldest first.
+    History(ControlArgs),
+    /// Make an earlier version current again (held orders it knows are then registered).
+    Rollback {
+        /// The version to make current (see `mapping history`).
+        #[arg(value_name = "VERSION")]
+        to_version: u64,
+        #[command(flatten)]
+        control: ControlArgs,
+    },
     /// Check a mapping CSV offline and print the report the import would write.
     ///
     /// Nothing is imported and the daemon need not run. Exits 0 when the

@@ -224,7 +224,7 @@ async fn serve(loaded: LoadedConfig) -> Result<(), DaemonError> {
         Ok(socket) => {
             let control = Arc::new(control::server::Control {
                 engine: engine.clone(),
-                catalog: Arc::new(mapping.clone()),
+                mapping: mapping.clone(),
                 started: std::time::Instant::now(),
                 listening: status.line(),
             });

@@ -158,3 +158,61 @@ async fn operators_see_and_fix_a_parked_job_and_pause_delivery() {
     assert!(stderr.contains("cannot reach the daemon"), "{stderr}");
     sim.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mapping_status_lookup_history_and_rollback() {
+    let temp = tempfile::tempdir().unwrap();
+    let config = common::write_config(temp.path(), "");
+    let relay_daemon = RunningDaemon::start(temp.path(), &config);
+    let drop = relay_daemon.state.join("drop");
+    let import = |name: &str, body: &str| {
+        let staged = temp.path().join(name);
+        std::fs::write(&staged, body).unwrap();
+        std::fs::rename(&staged, drop.join(name)).unwrap();
+    };
+    // Imports are recorded by the daemon alone: poll, with a deadline.
+    let wait_for_version = |version: u64| {
+        let deadline = std::time::Instant::now() + common::EVENT_DEADLINE;
+        loop {
+            let status = relay_json(&config, &["mapping", "status"]);
+            if status["version"] == version {
+                return status;
+            }
+            assert!(std::time::Instant::now() < deadline, "{status}");
+            std::thread::yield_now();
+        }
+    };
+
+    assert_eq!(relay_json(&config, &["mapping", "status"])["version"], 0);
+    import("first.csv", "smaregi-id,external-code\n8000001,TEA-500\n");
+    let status = wait_for_version(1);
+    assert_eq!(status["current"]["entries"], 1);
+    let found = relay_json(
+        &config,
+        &["mapping", "lookup", "--external-code", "TEA-500"],
+    );
+    assert_eq!(found["smaregi_id"], "8000001");
+    let found = relay_json(&config, &["mapping", "lookup", "--smaregi-id", "8000001"]);
+    assert_eq!(found["external_code"], "TEA-500");
+
+    import("second.csv", "smaregi-id,external-code\n8000002,TEA-500\n");
+    wait_for_version(2);
+    assert_eq!(
+        relay_json(&config, &["mapping", "history"])
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+    assert_eq!(relay(&config, &["mapping", "rollback", "1"]).0, 0);
+    let found = relay_json(
+        &config,
+        &["mapping", "lookup", "--external-code", "TEA-500"],
+    );
+    assert_eq!(found["smaregi_id"], "8000001", "version 1 again");
+    let (code, _, stderr) = relay(&config, &["mapping", "rollback", "99"]);
+    assert_eq!(code, 1, "{stderr}");
+    let (code, _, _) = relay(&config, &["mapping", "lookup", "--external-code", "NOPE"]);
+    assert_eq!(code, 1);
+    assert!(relay_daemon.stop().success());
+}

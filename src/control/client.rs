@@ -164,6 +164,31 @@ pub fn run_cli(command: crate::cli::Command) -> Option<u8> {
             }
             (control, Command::OutboxDiscard { id, reason })
         }
+        Cli::Mapping(mapping) => match mapping {
+            crate::cli::MappingCommand::Status(control) => (control, Command::MappingStatus),
+            crate::cli::MappingCommand::Lookup {
+                external_code,
+                smaregi_id,
+                control,
+            } => (
+                control,
+                Command::MappingLookup {
+                    external_code,
+                    smaregi_id,
+                },
+            ),
+            crate::cli::MappingCommand::History(control) => (control, Command::MappingHistory),
+            crate::cli::MappingCommand::Rollback {
+                to_version,
+                control,
+            } => (
+                control,
+                Command::MappingRollback {
+                    version: to_version,
+                },
+            ),
+            crate::cli::MappingCommand::Check { .. } => return None,
+        },
         _ => return None,
     };
     Some(run(&control, command))

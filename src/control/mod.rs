@@ -49,6 +49,15 @@ pub enum Command {
     Resume {
         upstream: String,
     },
+    MappingStatus,
+    MappingLookup {
+        external_code: Option<String>,
+        smaregi_id: Option<String>,
+    },
+    MappingHistory,
+    MappingRollback {
+        version: u64,
+    },
 }
 
 impl Command {
@@ -56,7 +65,12 @@ impl Command {
     pub fn changes_state(&self) -> bool {
         !matches!(
             self,
-            Self::Status | Self::OutboxList { .. } | Self::OutboxShow { .. }
+            Self::Status
+                | Self::OutboxList { .. }
+                | Self::OutboxShow { .. }
+                | Self::MappingStatus
+                | Self::MappingLookup { .. }
+                | Self::MappingHistory
         )
     }
 }

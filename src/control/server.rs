@@ -16,7 +16,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use super::{parse_request, Command, Failure, Reply, MAX_REQUEST_BYTES};
-use crate::mapping::Catalog;
+use crate::mapping::{MappingError, MappingStore};
 use crate::outbox::engine::{Engine, EngineError};
 use crate::outbox::job::JobState;
 use crate::outbox::queue::{ListFilter, QueueError};
@@ -27,7 +27,7 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// What the control socket can see and do.
 pub struct Control {
     pub engine: Engine,
-    pub catalog: Arc<dyn Catalog>,
+    pub mapping: MappingStore,
     pub started: Instant,
     /// The `STATUS=` line's facts: address and certificate.
     pub listening: String,
@@ -195,10 +195,62 @@ impl Control {
                 .resume(&upstream)
                 .await
                 .map(|()| json!({ "resumed": upstream })),
+            Command::MappingStatus
+            | Command::MappingLookup { .. }
+            | Command::MappingHistory
+            | Command::MappingRollback { .. } => return self.mapping(command).await,
         };
         match result {
             Ok(data) => ok(data),
             Err(e) => engine_failure(e),
+        }
+    }
+
+    async fn mapping(&self, command: Command) -> Reply {
+        let current = self.mapping.current();
+        let result = match command {
+            Command::MappingStatus => self.mapping.history().map(|history| {
+                let info = history.iter().find(|i| i.version == current.version());
+                json!({ "version": current.version(), "current": info })
+            }),
+            Command::MappingLookup {
+                external_code,
+                smaregi_id,
+            } => {
+                let (code, id) = match (external_code, smaregi_id) {
+                    (Some(code), None) => {
+                        let id = current.smaregi_id_for(&code);
+                        (Some(code), id)
+                    }
+                    (None, Some(id)) => (current.external_code_for(&id), Some(id)),
+                    _ => {
+                        return Reply::error(
+                            Failure::BadRequest,
+                            "give an external code or a Smaregi id, one of them",
+                        )
+                    }
+                };
+                if code.is_none() || id.is_none() {
+                    return Reply::error(
+                        Failure::NotFound,
+                        format!("not mapped in version {}", current.version()),
+                    );
+                }
+                Ok(json!({ "version": current.version(), "external_code": code, "smaregi_id": id }))
+            }
+            Command::MappingHistory => self.mapping.history().map(|h| json!(h)),
+            Command::MappingRollback { version } => {
+                self.mapping.rollback(version).await.map(|info| json!(info))
+            }
+            _ => unreachable!("only mapping commands come here"),
+        };
+        match result {
+            Ok(data) => ok(data),
+            Err(MappingError::NoSuchVersion(v)) => Reply::error(
+                Failure::NotFound,
+                format!("mapping version {v} does not exist or was pruned (`mapping history` lists them)"),
+            ),
+            Err(e) => Reply::error(Failure::Unavailable, e.to_string()),
         }
     }
 
@@ -236,7 +288,7 @@ impl Control {
                 "blocked_keys": status.blocked_keys.iter().map(|(key, job)| json!({"key": key, "parked_job": job})).collect::<Vec<_>>(),
                 "paused": paused,
             },
-            "mapping_version": self.catalog.version(),
+            "mapping_version": self.mapping.current().version(),
         }))
     }
 }
