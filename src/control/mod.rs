@@ -135,7 +135,17 @@ pub fn parse_request(line: &[u8]) -> Result<Command, Reply> {
             "protocol version {version:?} is not {VERSION}: use the smaregi-relay binary of the running daemon"
         )));
     }
-    serde_json::from_value(value).map_err(|e| bad(format!("not a control request: {e}")))
+    let command: Command = serde_json::from_value(value.clone())
+        .map_err(|e| bad(format!("not a control request: {e}")))?;
+    // serde lets unknown fields through on commands without fields: every
+    // field sent must be one the command has.
+    let known = serde_json::to_value(&command).expect("a command serialises");
+    if let (Some(sent), Some(known)) = (value.as_object(), known.as_object()) {
+        if let Some(unknown) = sent.keys().find(|key| !known.contains_key(*key)) {
+            return Err(bad(format!("unknown field {unknown:?}")));
+        }
+    }
+    Ok(command)
 }
 
 #[cfg(test)]
