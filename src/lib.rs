@@ -17,6 +17,7 @@
 //! | [`smaregi`] | Smaregi's legacy API: client, error classes, exactly-once 取引登録/取引取消 executors |
 //! | [`tls`] | rustls client configuration for outgoing calls |
 //! | [`telemetry`] | tracing set-up: journald under systemd, human-readable stderr otherwise |
+//! | [`watchdog`] | the systemd watchdog: a registry of vital loops; fed only while every one of them beats |
 //! | [`daemon`] | wiring, start-up order, sd_notify, the shutdown token and drain deadline |
 //! | [`cli`] | the command-line definition shared by the binary (and, later, completions and man page) |
 //! | [`exit`] | the process exit codes that scripts and systemd rely on |
@@ -31,3 +32,4 @@ pub mod smaregi;
 pub mod store;
 pub mod telemetry;
 pub mod tls;
+pub mod watchdog;
