@@ -254,8 +254,9 @@ async fn intake_listener(
 /// How often the certificate files are checked for a change.
 const CERTIFICATE_CHECK_INTERVAL: Duration = Duration::from_secs(5);
 
-/// The `STATUS=` line systemd shows: the address, the certificate and,
-/// once counted, the outbox. Clones share one line.
+/// The `STATUS=` line systemd shows: the address, the certificate (and
+/// why its reload failed, if it did) and, once counted, the outbox.
+/// Clones share one line.
 #[derive(Debug, Clone)]
 struct StatusLine {
     address: std::net::SocketAddr,
@@ -265,6 +266,7 @@ struct StatusLine {
 #[derive(Debug)]
 struct StatusParts {
     fingerprint: String,
+    certificate_problem: Option<String>,
     outbox: Option<String>,
 }
 
@@ -274,6 +276,7 @@ impl StatusLine {
             address,
             parts: Arc::new(std::sync::Mutex::new(StatusParts {
                 fingerprint,
+                certificate_problem: None,
                 outbox: None,
             })),
         }
@@ -284,7 +287,13 @@ impl StatusLine {
     }
 
     fn set_fingerprint(&self, fingerprint: String) {
-        self.parts().fingerprint = fingerprint;
+        let mut parts = self.parts();
+        parts.fingerprint = fingerprint;
+        parts.certificate_problem = None;
+    }
+
+    fn set_certificate_problem(&self, problem: String) {
+        self.parts().certificate_problem = Some(problem);
     }
 
     fn set_outbox(&self, outbox: String) {
@@ -297,6 +306,9 @@ impl StatusLine {
             "listening on {} · certificate {}",
             self.address, parts.fingerprint
         );
+        if let Some(problem) = &parts.certificate_problem {
+            line.push_str(&format!(" (reload failed: {problem})"));
+        }
         if let Some(outbox) = &parts.outbox {
             line.push_str(" · ");
             line.push_str(outbox);
@@ -373,10 +385,8 @@ async fn reload_certificate(
             }
             Reload::Kept(error) => {
                 warn!(%error, "the new TLS certificate is unusable; the old one keeps serving");
-                notify(&[(
-                    "STATUS",
-                    &format!("{} (reload failed: {error})", status.line()),
-                )]);
+                status.set_certificate_problem(error.to_string());
+                notify(&[("STATUS", &status.line())]);
             }
         }
     }
@@ -415,5 +425,43 @@ fn abandon(store: Store, error: StoreError) -> DaemonError {
 fn notify(state: &[(&str, &str)]) {
     if let Err(e) = systemd::daemon::notify(state.iter()) {
         warn!(error = %e, "sd_notify failed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::outbox::job::JobState;
+    use crate::outbox::queue::Counts;
+
+    #[test]
+    fn the_outbox_summary_adds_up_every_upstream() {
+        let mut counts = Counts::new();
+        counts.insert((JobState::Pending, "smaregi".into()), 2);
+        counts.insert((JobState::Pending, "ec".into()), 1);
+        counts.insert((JobState::Parked, "smaregi".into()), 1);
+        counts.insert((JobState::Done, "smaregi".into()), 5);
+        assert_eq!(outbox_summary(&counts), "outbox 3 pending, 1 parked");
+        assert_eq!(outbox_summary(&Counts::new()), "outbox 0 pending, 0 parked");
+    }
+
+    #[test]
+    fn the_status_line_keeps_a_certificate_problem_until_a_good_reload() {
+        let status = StatusLine::new("0.0.0.0:8443".parse().unwrap(), "AA:BB".into());
+        assert_eq!(
+            status.line(),
+            "listening on 0.0.0.0:8443 · certificate AA:BB"
+        );
+        status.set_outbox("outbox 0 pending, 0 parked".into());
+        status.set_certificate_problem("cert.pem: broken".into());
+        assert_eq!(
+            status.line(),
+            "listening on 0.0.0.0:8443 · certificate AA:BB (reload failed: cert.pem: broken) · outbox 0 pending, 0 parked"
+        );
+        status.set_fingerprint("CC:DD".into());
+        assert_eq!(
+            status.line(),
+            "listening on 0.0.0.0:8443 · certificate CC:DD · outbox 0 pending, 0 parked"
+        );
     }
 }
