@@ -118,6 +118,8 @@ else
         export PKG_CONFIG_LIBDIR="$sysroot/usr/lib/$gnu/pkgconfig:$sysroot/usr/share/pkgconfig"
         export PKG_CONFIG_SYSROOT_DIR="$sysroot"
         libdirs=("$sysroot/usr/lib/$gnu" "$sysroot/lib/$gnu")
+        # dpkg-shlibdeps cannot see the sysroot: Depends from the variant.
+        cargo_deb_args+=(--variant sysroot)
         # libsystemd.so.0's own dependencies are found here at link time.
         export "CARGO_TARGET_${triple_env}_RUSTFLAGS=-C link-arg=-Wl,-rpath-link,${libdirs[0]}:${libdirs[1]}"
     fi
