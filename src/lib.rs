@@ -19,7 +19,7 @@
 //! | [`telemetry`] | tracing set-up: journald under systemd, human-readable stderr otherwise |
 //! | [`watchdog`] | the systemd watchdog: a registry of vital loops; fed only while every one of them beats |
 //! | [`daemon`] | wiring, start-up order, sd_notify, the shutdown token and drain deadline |
-//! | [`cli`] | the command-line definition shared by the binary (and, later, completions and man page) |
+//! | [`cli`] | the command-line definition shared by the binary and the generated man pages and completions |
 //! | [`exit`] | the process exit codes that scripts and systemd rely on |
 
 pub mod cli;
