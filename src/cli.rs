@@ -30,6 +30,13 @@ pub enum Command {
     /// Product mapping files.
     #[command(subcommand)]
     Mapping(MappingCommand),
+    /// Write the man pages and the shell completions into a directory (for packaging).
+    #[command(hide = true)]
+    GenerateDocs {
+        /// The directory: gets man/*.1 and completions/{bash,zsh,fish} files.
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
     /// Show whether everything is flowing: the outbox, pauses, blocked keys.
     ///
     /// Exits 0 when the daemon answered, 69 when it cannot be reached.
@@ -169,6 +176,23 @@ pub struct ConfigArgs {
     pub config: PathBuf,
 }
 
+/// Writes the man pages (one per command) into `out/man` and the bash,
+/// zsh and fish completions into `out/completions`.
+pub fn generate_docs(out: &std::path::Path) -> std::io::Result<()> {
+    use clap::CommandFactory;
+    use clap_complete::Shell;
+
+    let man = out.join("man");
+    let completions = out.join("completions");
+    std::fs::create_dir_all(&man)?;
+    std::fs::create_dir_all(&completions)?;
+    clap_mangen::generate_to(Cli::command(), &man)?;
+    for shell in [Shell::Bash, Shell::Zsh, Shell::Fish] {
+        clap_complete::generate_to(shell, &mut Cli::command(), "smaregi-relay", &completions)?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -177,5 +201,27 @@ mod tests {
     #[test]
     fn the_cli_definition_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn generated_docs_cover_every_command_and_shell() {
+        let out = tempfile::tempdir().unwrap();
+        generate_docs(out.path()).unwrap();
+        for page in [
+            "smaregi-relay.1",
+            "smaregi-relay-run.1",
+            "smaregi-relay-check-config.1",
+        ] {
+            let text = std::fs::read_to_string(out.path().join("man").join(page)).unwrap();
+            assert!(text.contains(".TH"), "{page} is not a man page");
+        }
+        assert!(!out
+            .path()
+            .join("man/smaregi-relay-generate-docs.1")
+            .exists());
+        for file in ["smaregi-relay.bash", "_smaregi-relay", "smaregi-relay.fish"] {
+            let text = std::fs::read_to_string(out.path().join("completions").join(file)).unwrap();
+            assert!(text.contains("check-config"), "{file} lacks check-config");
+        }
     }
 }

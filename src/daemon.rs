@@ -40,6 +40,7 @@ use crate::smaregi::ledger::Ledger;
 use crate::stock::{self, StockApi, StockBook};
 use crate::store::{Store, StoreError, StoreOptions};
 use crate::telemetry::{self, TelemetryError};
+use crate::watchdog::{self, Liveness};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -183,7 +184,20 @@ async fn serve(loaded: LoadedConfig) -> Result<(), DaemonError> {
             source,
         })?;
     let status = StatusLine::new(address, reloader.fingerprint());
-    tasks.spawn(server::serve(listener, shutdown.clone()));
+    // The vital loops register here; the drop-folder watcher registers the
+    // same way. Without WatchdogSec= their heartbeats are never checked.
+    let watchdog_interval = watchdog::interval_from_systemd();
+    let liveness = Liveness::new(watchdog_interval.map_or(Duration::MAX, watchdog::beat_interval));
+    tasks.spawn(server::serve_watched(
+        listener,
+        shutdown.clone(),
+        liveness.register("intake accept loop"),
+    ));
+    tasks.spawn(refresh_status(
+        engine.clone(),
+        status.clone(),
+        shutdown.clone(),
+    ));
     tasks.spawn(reload_certificate(
         reloader,
         status.clone(),
@@ -213,8 +227,9 @@ async fn serve(loaded: LoadedConfig) -> Result<(), DaemonError> {
     tasks.spawn({
         let shutdown = shutdown.clone();
         let engine = engine.clone();
+        let heartbeat = liveness.register("outbox scheduler");
         async move {
-            if let Err(e) = engine.run(shutdown).await {
+            if let Err(e) = engine.run_watched(shutdown, heartbeat).await {
                 error!(error = %e, "outbox engine stopped");
             }
         }
@@ -257,8 +272,16 @@ async fn serve(loaded: LoadedConfig) -> Result<(), DaemonError> {
             mapping::import::Folders::new(&config.drop_directory()),
         ),
         mapping::watch::WatchOptions::from_config(&config.mapping),
+        liveness.register("drop-folder watcher"),
         shutdown.clone(),
     ));
+    if let Some(interval) = watchdog_interval {
+        info!(
+            interval_ms = interval.as_millis() as u64,
+            "watchdog: feeding systemd while the vital loops are alive"
+        );
+        tasks.spawn(watchdog::feed(liveness, interval, shutdown.clone()));
+    }
     tasks.close();
 
     notify(&[("READY", "1"), ("STATUS", &status.line())]);
@@ -344,26 +367,104 @@ async fn intake_listener(
 /// How often the certificate files are checked for a change.
 const CERTIFICATE_CHECK_INTERVAL: Duration = Duration::from_secs(5);
 
-/// The `STATUS=` line systemd shows: the address and the certificate.
+/// The `STATUS=` line systemd shows: the address, the certificate (and
+/// why its reload failed, if it did) and, once counted, the outbox.
+/// Clones share one line.
 #[derive(Debug, Clone)]
 struct StatusLine {
     address: std::net::SocketAddr,
+    parts: Arc<std::sync::Mutex<StatusParts>>,
+}
+
+#[derive(Debug)]
+struct StatusParts {
     fingerprint: String,
+    certificate_problem: Option<String>,
+    outbox: Option<String>,
 }
 
 impl StatusLine {
     fn new(address: std::net::SocketAddr, fingerprint: String) -> Self {
         Self {
             address,
-            fingerprint,
+            parts: Arc::new(std::sync::Mutex::new(StatusParts {
+                fingerprint,
+                certificate_problem: None,
+                outbox: None,
+            })),
         }
     }
 
+    fn parts(&self) -> std::sync::MutexGuard<'_, StatusParts> {
+        self.parts.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn set_fingerprint(&self, fingerprint: String) {
+        let mut parts = self.parts();
+        parts.fingerprint = fingerprint;
+        parts.certificate_problem = None;
+    }
+
+    fn set_certificate_problem(&self, problem: String) {
+        self.parts().certificate_problem = Some(problem);
+    }
+
+    fn set_outbox(&self, outbox: String) {
+        self.parts().outbox = Some(outbox);
+    }
+
     fn line(&self) -> String {
-        format!(
+        let parts = self.parts();
+        let mut line = format!(
             "listening on {} · certificate {}",
-            self.address, self.fingerprint
-        )
+            self.address, parts.fingerprint
+        );
+        if let Some(problem) = &parts.certificate_problem {
+            line.push_str(&format!(" (reload failed: {problem})"));
+        }
+        if let Some(outbox) = &parts.outbox {
+            line.push_str(" · ");
+            line.push_str(outbox);
+        }
+        line
+    }
+}
+
+/// How often the outbox counts in the status line are refreshed.
+const STATUS_REFRESH_INTERVAL: Duration = Duration::from_secs(30);
+
+/// `outbox 3 pending, 0 parked`, from the outbox's counts.
+fn outbox_summary(counts: &crate::outbox::queue::Counts) -> String {
+    use crate::outbox::job::JobState;
+    let total = |state: JobState| -> u64 {
+        counts
+            .iter()
+            .filter(|((s, _), _)| *s == state)
+            .map(|(_, n)| n)
+            .sum()
+    };
+    format!(
+        "outbox {} pending, {} parked",
+        total(JobState::Pending),
+        total(JobState::Parked)
+    )
+}
+
+/// Keeps the outbox counts in the status line current.
+async fn refresh_status(engine: Engine, status: StatusLine, shutdown: CancellationToken) {
+    let mut every = tokio::time::interval(STATUS_REFRESH_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = every.tick() => {}
+        }
+        match engine.status() {
+            Ok(outbox) => {
+                status.set_outbox(outbox_summary(&outbox.counts));
+                notify(&[("STATUS", &status.line())]);
+            }
+            Err(e) => warn!(error = %e, "cannot count the outbox for the status line"),
+        }
     }
 }
 
@@ -371,7 +472,7 @@ impl StatusLine {
 /// broken new file keeps the old certificate serving.
 async fn reload_certificate(
     mut reloader: Reloader,
-    mut status: StatusLine,
+    status: StatusLine,
     shutdown: CancellationToken,
 ) {
     let mut hangup = match signal(SignalKind::hangup()) {
@@ -392,15 +493,13 @@ async fn reload_certificate(
             Reload::Unchanged => {}
             Reload::Replaced(fingerprint) => {
                 info!(%fingerprint, "TLS certificate reloaded; new connections use it");
-                status.fingerprint = fingerprint;
+                status.set_fingerprint(fingerprint);
                 notify(&[("STATUS", &status.line())]);
             }
             Reload::Kept(error) => {
                 warn!(%error, "the new TLS certificate is unusable; the old one keeps serving");
-                notify(&[(
-                    "STATUS",
-                    &format!("{} (reload failed: {error})", status.line()),
-                )]);
+                status.set_certificate_problem(error.to_string());
+                notify(&[("STATUS", &status.line())]);
             }
         }
     }
@@ -497,5 +596,43 @@ fn abandon(store: Store, error: StoreError) -> DaemonError {
 fn notify(state: &[(&str, &str)]) {
     if let Err(e) = systemd::daemon::notify(state.iter()) {
         warn!(error = %e, "sd_notify failed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::outbox::job::JobState;
+    use crate::outbox::queue::Counts;
+
+    #[test]
+    fn the_outbox_summary_adds_up_every_upstream() {
+        let mut counts = Counts::new();
+        counts.insert((JobState::Pending, "smaregi".into()), 2);
+        counts.insert((JobState::Pending, "ec".into()), 1);
+        counts.insert((JobState::Parked, "smaregi".into()), 1);
+        counts.insert((JobState::Done, "smaregi".into()), 5);
+        assert_eq!(outbox_summary(&counts), "outbox 3 pending, 1 parked");
+        assert_eq!(outbox_summary(&Counts::new()), "outbox 0 pending, 0 parked");
+    }
+
+    #[test]
+    fn the_status_line_keeps_a_certificate_problem_until_a_good_reload() {
+        let status = StatusLine::new("0.0.0.0:8443".parse().unwrap(), "AA:BB".into());
+        assert_eq!(
+            status.line(),
+            "listening on 0.0.0.0:8443 · certificate AA:BB"
+        );
+        status.set_outbox("outbox 0 pending, 0 parked".into());
+        status.set_certificate_problem("cert.pem: broken".into());
+        assert_eq!(
+            status.line(),
+            "listening on 0.0.0.0:8443 · certificate AA:BB (reload failed: cert.pem: broken) · outbox 0 pending, 0 parked"
+        );
+        status.set_fingerprint("CC:DD".into());
+        assert_eq!(
+            status.line(),
+            "listening on 0.0.0.0:8443 · certificate CC:DD · outbox 0 pending, 0 parked"
+        );
     }
 }

@@ -21,8 +21,9 @@
 //! | [`tls`] | rustls client configuration for outgoing calls |
 //! | [`telemetry`] | tracing set-up: journald under systemd, human-readable stderr otherwise |
 //! | [`control`] | the control socket: protocol, the daemon's server, the operator commands' client |
+//! | [`watchdog`] | the systemd watchdog: a registry of vital loops; fed only while every one of them beats |
 //! | [`daemon`] | wiring, start-up order, sd_notify, the shutdown token and drain deadline |
-//! | [`cli`] | the command-line definition shared by the binary (and, later, completions and man page) |
+//! | [`cli`] | the command-line definition shared by the binary and the generated man pages and completions |
 //! | [`exit`] | the process exit codes that scripts and systemd rely on |
 
 pub mod cli;
@@ -39,3 +40,4 @@ pub mod stock;
 pub mod store;
 pub mod telemetry;
 pub mod tls;
+pub mod watchdog;

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use smaregi_relay::cli::{Cli, Command, MappingCommand};
-use smaregi_relay::{config, control, daemon, exit, mapping, telemetry};
+use smaregi_relay::{cli, config, control, daemon, exit, mapping, telemetry};
 
 fn main() -> ExitCode {
     let code = match Cli::parse().command {
@@ -14,6 +14,13 @@ fn main() -> ExitCode {
             Err(error) => {
                 telemetry::report_fatal(&error);
                 error.exit_code()
+            }
+        },
+        Command::GenerateDocs { out } => match cli::generate_docs(&out) {
+            Ok(()) => exit::OK,
+            Err(error) => {
+                eprintln!("smaregi-relay: cannot write to {}: {error}", out.display());
+                exit::CANT_CREATE
             }
         },
         Command::CheckConfig(args) => match config::load(&args.config) {

@@ -33,6 +33,7 @@ use crate::orders::OrderApi;
 use crate::outbox::retry::unix_millis;
 use crate::stock::StockApi;
 use crate::store::Store;
+use crate::watchdog::Heartbeat;
 
 /// Headers larger than this are refused (431) by hyper.
 const MAX_HEADER_BYTES: usize = 64 * 1024;
@@ -198,11 +199,17 @@ pub async fn bind(
 /// Accepts connections until `shutdown`; then asks open connections to
 /// finish their current request, and returns once they have.
 pub async fn serve(listener: Listener, shutdown: CancellationToken) {
+    serve_watched(listener, shutdown, Heartbeat::detached()).await
+}
+
+/// [`serve`], beating `heartbeat` while the accept loop runs.
+pub async fn serve_watched(listener: Listener, shutdown: CancellationToken, heartbeat: Heartbeat) {
     let connections = TaskTracker::new();
     let listener = Arc::new(listener);
     loop {
         let (tcp, peer) = tokio::select! {
             _ = shutdown.cancelled() => break,
+            () = heartbeat.tick() => continue,
             accepted = listener.tcp.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(e) => {

@@ -24,6 +24,8 @@ use notify::event::{AccessKind, AccessMode, CreateKind, EventKind, ModifyKind, R
 use notify::Watcher;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+
+use crate::watchdog::Heartbeat;
 use tracing::{error, info, warn};
 
 use crate::config::{MappingConfig, MappingWatch};
@@ -70,9 +72,13 @@ struct Seen {
 /// The folders are created before this returns (so they exist once the
 /// daemon reports ready); if that fails (a mount not there yet), the
 /// returned task keeps trying.
+///
+/// `heartbeat` beats while the loop turns (the systemd watchdog is fed
+/// only while it does).
 pub fn run(
     importer: Importer,
     options: WatchOptions,
+    heartbeat: Heartbeat,
     shutdown: CancellationToken,
 ) -> impl std::future::Future<Output = ()> {
     let created = importer.folders().create();
@@ -82,7 +88,7 @@ pub fn run(
                 return;
             }
         }
-        watch(importer, options, shutdown).await
+        watch(importer, options, heartbeat, shutdown).await
     }
 }
 
@@ -106,7 +112,12 @@ async fn create_folders(
     }
 }
 
-async fn watch(importer: Importer, options: WatchOptions, shutdown: CancellationToken) {
+async fn watch(
+    importer: Importer,
+    options: WatchOptions,
+    heartbeat: Heartbeat,
+    shutdown: CancellationToken,
+) {
     let folders = importer.folders().clone();
     match importer.recover().await {
         Ok(outcomes) => outcomes.iter().for_each(log_outcome),
@@ -124,8 +135,10 @@ async fn watch(importer: Importer, options: WatchOptions, shutdown: Cancellation
     let tick = (options.settle / 4).max(Duration::from_millis(50));
     let mut settle_timer = tokio::time::interval(tick);
     loop {
+        heartbeat.beat();
         tokio::select! {
             _ = shutdown.cancelled() => return,
+            _ = heartbeat.tick() => {}
             signal = received.recv() => match signal {
                 Some(Signal::Name(name)) => add(&folders.drop, name, &mut pending),
                 Some(Signal::Rescan) | None => rescan(&folders.drop, &mut pending),

@@ -32,6 +32,7 @@ use super::rate::TokenBucket;
 use super::retry::{unix_millis, RetryDecision, RetryPolicy};
 use crate::config::OutboxConfig;
 use crate::store::{Store, StoreError};
+use crate::watchdog::Heartbeat;
 
 /// How long a configuration failure pauses an upstream before a probe.
 pub const PAUSE_PROBE_INTERVAL: Duration = Duration::from_secs(60);
@@ -406,9 +407,18 @@ impl Engine {
     /// Runs jobs, and prunes finished ones every [`PRUNE_INTERVAL`], until
     /// `shutdown` is cancelled; then waits for running attempts.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), EngineError> {
+        self.run_watched(shutdown, Heartbeat::detached()).await
+    }
+
+    /// [`Engine::run`], beating `heartbeat` while the scheduler runs.
+    pub async fn run_watched(
+        self,
+        shutdown: CancellationToken,
+        heartbeat: Heartbeat,
+    ) -> Result<(), EngineError> {
         let attempts = TaskTracker::new();
         let result = tokio::select! {
-            result = self.schedule(&shutdown, &attempts) => result,
+            result = self.schedule(&shutdown, &attempts, &heartbeat) => result,
             result = self.prune_periodically(&shutdown) => result,
         };
         attempts.close();
@@ -449,6 +459,7 @@ impl Engine {
         &self,
         shutdown: &CancellationToken,
         attempts: &TaskTracker,
+        heartbeat: &Heartbeat,
     ) -> Result<(), EngineError> {
         let inner = &self.inner;
         loop {
@@ -511,6 +522,7 @@ impl Engine {
                 _ = shutdown.cancelled() => return Ok(()),
                 _ = inner.wake.notified() => {}
                 _ = tokio::time::sleep(sleep) => {}
+                () = heartbeat.tick() => {}
             }
         }
     }
