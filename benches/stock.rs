@@ -13,8 +13,7 @@ use std::time::Instant;
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use common::downstream::{Downstream, DOWNSTREAM_SECRET};
-use common::smaregi::{ACCESS_TOKEN, CONTRACT_ID, TERMINAL};
+use common::downstream::{stock_config, Downstream};
 use serde_json::{json, Value};
 use smaregi_sim::sender::Sender;
 
@@ -29,19 +28,18 @@ fn main() {
         let sim = common::smaregi::simulator().await;
         let downstream = Downstream::start().await;
         let temp = tempfile::tempdir().unwrap();
-        common::write_file(temp.path(), "smaregi-token", ACCESS_TOKEN, 0o600);
-        common::write_file(temp.path(), "downstream-secret", DOWNSTREAM_SECRET, 0o600);
-        let config = common::write_config(
+        // Batches of the default size (500), Smaregi's pace lifted.
+        let config = stock_config(
             temp.path(),
-            &format!(
-                "[smaregi]\nendpoint = \"{}\"\ncontract-id = \"{CONTRACT_ID}\"\n\
-                 access-token = {{ file = \"smaregi-token\" }}\nterminal-id = \"{TERMINAL}\"\n\n\
-                 [outbox.rate-limit.smaregi]\nper-second = 1000.0\nburst = 1000\n\n\
-                 [stock]\nbackfill-interval-minutes = 0\n\n[stock.downstream]\nurl = \"{}\"\nsecret = {{ file = \"downstream-secret\" }}\n",
-                sim.url(),
-                downstream.url()
-            ),
+            &sim,
+            &downstream,
+            "",
+            "\n[outbox.rate-limit.smaregi]\nper-second = 1000.0\nburst = 1000\n",
         );
+        let text = std::fs::read_to_string(&config)
+            .unwrap()
+            .replace("batch-size = 100\n", "");
+        std::fs::write(&config, text).unwrap();
         let relay = common::RunningDaemon::start(temp.path(), &config);
         sim.with_contract(|c| {
             for p in 0..PRODUCTS {

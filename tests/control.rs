@@ -8,8 +8,8 @@ use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 
-use common::downstream::{Downstream, DOWNSTREAM_SECRET};
-use common::smaregi::{simulator, ACCESS_TOKEN, CONTRACT_ID, TERMINAL};
+use common::downstream::{stock_config, Downstream};
+use common::smaregi::simulator;
 use common::{run_relay, RunningDaemon, INTAKE_SECRET};
 use serde_json::{json, Value};
 use smaregi_sim::sender::Sender;
@@ -34,19 +34,7 @@ async fn operators_see_and_fix_a_parked_job_and_pause_delivery() {
     let sim = simulator().await;
     let downstream = Downstream::start().await;
     let temp = tempfile::tempdir().unwrap();
-    common::write_file(temp.path(), "smaregi-token", ACCESS_TOKEN, 0o600);
-    common::write_file(temp.path(), "downstream-secret", DOWNSTREAM_SECRET, 0o600);
-    let config = common::write_config(
-        temp.path(),
-        &format!(
-            "[smaregi]\nendpoint = \"{}\"\ncontract-id = \"{CONTRACT_ID}\"\n\
-             access-token = {{ file = \"smaregi-token\" }}\nterminal-id = \"{TERMINAL}\"\n\n\
-             [stock]\nbackfill-interval-minutes = 0\n\n\
-             [stock.downstream]\nurl = \"{}\"\nsecret = {{ file = \"downstream-secret\" }}\n",
-            sim.url(),
-            downstream.url()
-        ),
-    );
+    let config = stock_config(temp.path(), &sim, &downstream, "", "");
     let relay_daemon = RunningDaemon::start(temp.path(), &config);
 
     let status = relay_json(&config, &["status"]);

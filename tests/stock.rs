@@ -7,43 +7,14 @@ mod common;
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use common::downstream::{Downstream, Log, DOWNSTREAM_SECRET};
-use common::smaregi::{simulator, ACCESS_TOKEN, CONTRACT_ID, TERMINAL};
+use common::downstream::{stock_config, Downstream, Log};
+use common::smaregi::simulator;
 use common::{RunningDaemon, INTAKE_SECRET};
 use serde_json::{json, Value};
 use smaregi_sim::sender::Sender;
 use smaregi_sim::Simulator;
 
 const STOCK_TOKEN: &str = "stock-api-token-0123456789";
-
-/// A daemon config with a downstream; back-fill off unless `extra` sets
-/// it, so that the Smaregi calls a test counts are its notices' own.
-fn stock_config(
-    dir: &Path,
-    sim: &Simulator,
-    downstream: &Downstream,
-    extra: &str,
-) -> std::path::PathBuf {
-    let extra = if extra.contains("backfill-interval-minutes") {
-        extra.to_owned()
-    } else {
-        format!("backfill-interval-minutes = 0\n{extra}")
-    };
-    common::write_file(dir, "smaregi-token", ACCESS_TOKEN, 0o600);
-    common::write_file(dir, "downstream-secret", DOWNSTREAM_SECRET, 0o600);
-    common::write_config(
-        dir,
-        &format!(
-            "[smaregi]\nendpoint = \"{}\"\ncontract-id = \"{CONTRACT_ID}\"\n\
-             access-token = {{ file = \"smaregi-token\" }}\nterminal-id = \"{TERMINAL}\"\n\n\
-             [outbox]\nretry-schedule-seconds = [0, 1]\nretry-repeat-seconds = 1\n\n\
-             [stock]\n{extra}\n[stock.downstream]\nurl = \"{}\"\nsecret = {{ file = \"downstream-secret\" }}\n\
-             batch-size = 100\n",
-            sim.url(),
-            downstream.url()
-        ),
-    )
-}
 
 /// Sends a `stock_send` of `rows` to the daemon, as Smaregi's API送信 does.
 async fn notify(relay: &RunningDaemon, rows: Value) {
@@ -102,7 +73,7 @@ async fn a_stocktake_reaches_the_downstream_with_smaregis_values_in_few_calls() 
     let sim = simulator().await;
     let downstream = Downstream::start().await;
     let temp = tempfile::tempdir().unwrap();
-    let config = stock_config(temp.path(), &sim, &downstream, "");
+    let config = stock_config(temp.path(), &sim, &downstream, "", "");
     let relay = RunningDaemon::start(temp.path(), &config);
 
     // 1,500 products counted; the notification's own amounts are stale
@@ -144,7 +115,7 @@ async fn after_a_downstream_outage_each_product_gets_its_newest_value_never_an_o
     let sim = simulator().await;
     let downstream = Downstream::start().await;
     let temp = tempfile::tempdir().unwrap();
-    let config = stock_config(temp.path(), &sim, &downstream, "");
+    let config = stock_config(temp.path(), &sim, &downstream, "", "");
     let relay = RunningDaemon::start(temp.path(), &config);
 
     downstream.answer(503);
@@ -189,6 +160,7 @@ async fn bad_rows_and_other_stores_are_skipped_and_the_rest_forwarded_with_the_c
         &sim,
         &downstream,
         "stores = [\"1\"]\napi-token = { file = \"stock-token\" }",
+        "",
     );
     let text = std::fs::read_to_string(&config)
         .unwrap()
@@ -283,6 +255,7 @@ async fn changes_made_while_the_daemon_was_down_are_back_filled_once() {
         &sim,
         &downstream,
         "backfill-interval-minutes = 60",
+        "",
     );
     let relay = RunningDaemon::start(temp.path(), &config);
     assert!(relay.stop().success());
@@ -342,7 +315,7 @@ async fn summed_stores_reach_the_downstream_as_one_value_and_a_transfer_changes_
     let sim = simulator().await;
     let downstream = Downstream::start().await;
     let temp = tempfile::tempdir().unwrap();
-    let config = stock_config(temp.path(), &sim, &downstream, "");
+    let config = stock_config(temp.path(), &sim, &downstream, "", "");
     let text = std::fs::read_to_string(&config).unwrap().replace(
         "batch-size = 100\n",
         "batch-size = 100\nsum-stores = [\"1\", \"2\"]\n",

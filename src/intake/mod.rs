@@ -10,6 +10,7 @@
 //! It must never answer 200 before the notification is committed, and
 //! nothing from a refused request may enter the inbox.
 
+pub mod api;
 pub mod cert;
 pub mod form;
 pub mod inbox;

@@ -6,46 +6,28 @@
 
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::header::{ALLOW, AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
+use hyper::header::{CONTENT_TYPE, RETRY_AFTER};
 use hyper::{Method, Request, Response, StatusCode};
-use secrecy::{ExposeSecret, SecretString};
+use secrecy::SecretString;
 use serde_json::{json, Value};
-use subtle::ConstantTimeEq;
 use tracing::{info, warn};
 
 use super::book::{Cancel, OrderAction, OrderBook, OrderBookError, OrderRecord, OrderStatus, Put};
 use super::build::BuildError;
 use super::model::{parse_order, valid_order_id, OrderInputError};
+use crate::intake::api::{bearer_matches, error, method_not_allowed, respond, unauthorized, Body};
 use crate::intake::server::read_body;
 use crate::smaregi::jst;
 
 /// Every order URL starts with this.
 pub const PATH_PREFIX: &str = "/api/v1/orders/";
 
-type Body = Full<Bytes>;
-
 /// The order API: the ledger behind it and its credentials.
 pub struct OrderApi {
     book: OrderBook,
     token: SecretString,
     max_body_bytes: u64,
-}
-
-fn respond(status: StatusCode, body: Value) -> Response<Body> {
-    let mut text = serde_json::to_vec_pretty(&body).expect("JSON serialises");
-    text.push(b'\n');
-    Response::builder()
-        .status(status)
-        .header(CONTENT_TYPE, "application/json")
-        .body(Full::new(Bytes::from(text)))
-        .expect("a valid response")
-}
-
-fn error(status: StatusCode, message: impl std::fmt::Display) -> Response<Body> {
-    respond(status, json!({ "error": message.to_string() }))
 }
 
 impl OrderApi {
@@ -62,34 +44,13 @@ impl OrderApi {
         path.starts_with(PATH_PREFIX) || path == PATH_PREFIX.trim_end_matches('/')
     }
 
-    fn authorized(&self, request: &Request<Incoming>) -> bool {
-        let offered = request
-            .headers()
-            .get(AUTHORIZATION)
-            .and_then(|value| value.to_str().ok())
-            .and_then(|value| value.strip_prefix("Bearer "))
-            .unwrap_or("");
-        bool::from(
-            offered
-                .as_bytes()
-                .ct_eq(self.token.expose_secret().as_bytes()),
-        )
-    }
-
     pub async fn handle(
         &self,
         request: Request<Incoming>,
         body_timeout: Duration,
     ) -> Response<Body> {
-        if !self.authorized(&request) {
-            let mut response = error(
-                StatusCode::UNAUTHORIZED,
-                "missing or wrong bearer token: send `Authorization: Bearer <[orders] api-token>`",
-            );
-            response
-                .headers_mut()
-                .insert(WWW_AUTHENTICATE, "Bearer".parse().expect("a header value"));
-            return response;
+        if !bearer_matches(&request, &self.token) {
+            return unauthorized("[orders] api-token");
         }
         let order_id = request
             .uri()
@@ -124,16 +85,7 @@ impl OrderApi {
                     Err(refusal) => error(refusal.status(), refusal.text().trim_end()),
                 }
             }
-            _ => {
-                let mut response = error(
-                    StatusCode::METHOD_NOT_ALLOWED,
-                    "use GET, PUT or DELETE on an order",
-                );
-                response
-                    .headers_mut()
-                    .insert(ALLOW, "GET, PUT, DELETE".parse().expect("a header value"));
-                response
-            }
+            _ => method_not_allowed("GET, PUT, DELETE"),
         }
     }
 

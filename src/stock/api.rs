@@ -5,42 +5,23 @@
 //! `&store_id=ID`: the product's stock in that store, or in every store
 //! the mirror knows it in.
 
-use bytes::Bytes;
-use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::header::{ALLOW, AUTHORIZATION, CONTENT_TYPE, WWW_AUTHENTICATE};
 use hyper::{Method, Request, Response, StatusCode};
-use secrecy::{ExposeSecret, SecretString};
+use secrecy::SecretString;
 use serde_json::{json, Value};
 use std::sync::Arc;
-use subtle::ConstantTimeEq;
 use tracing::warn;
 
 use super::book::StockBook;
+use crate::intake::api::{bearer_matches, error, method_not_allowed, respond, unauthorized, Body};
 use crate::mapping::Catalog;
 
 pub const PATH: &str = "/api/v1/stock";
-
-type Body = Full<Bytes>;
 
 pub struct StockApi {
     book: StockBook,
     token: SecretString,
     catalog: Arc<dyn Catalog>,
-}
-
-fn respond(status: StatusCode, body: Value) -> Response<Body> {
-    let mut text = serde_json::to_vec_pretty(&body).expect("JSON serialises");
-    text.push(b'\n');
-    Response::builder()
-        .status(status)
-        .header(CONTENT_TYPE, "application/json")
-        .body(Full::new(Bytes::from(text)))
-        .expect("a valid response")
-}
-
-fn error(status: StatusCode, message: impl std::fmt::Display) -> Response<Body> {
-    respond(status, json!({ "error": message.to_string() }))
 }
 
 fn digits(text: &str, max: usize) -> bool {
@@ -61,32 +42,11 @@ impl StockApi {
     }
 
     pub fn handle(&self, request: &Request<Incoming>) -> Response<Body> {
-        let offered = request
-            .headers()
-            .get(AUTHORIZATION)
-            .and_then(|value| value.to_str().ok())
-            .and_then(|value| value.strip_prefix("Bearer "))
-            .unwrap_or("");
-        if !bool::from(
-            offered
-                .as_bytes()
-                .ct_eq(self.token.expose_secret().as_bytes()),
-        ) {
-            let mut response = error(
-                StatusCode::UNAUTHORIZED,
-                "missing or wrong bearer token: send `Authorization: Bearer <[stock] api-token>`",
-            );
-            response
-                .headers_mut()
-                .insert(WWW_AUTHENTICATE, "Bearer".parse().expect("a header value"));
-            return response;
+        if !bearer_matches(request, &self.token) {
+            return unauthorized("[stock] api-token");
         }
         if request.method() != Method::GET {
-            let mut response = error(StatusCode::METHOD_NOT_ALLOWED, "use GET");
-            response
-                .headers_mut()
-                .insert(ALLOW, "GET".parse().expect("a header value"));
-            return response;
+            return method_not_allowed("GET");
         }
         let query: Vec<(String, String)> =
             form_urlencoded::parse(request.uri().query().unwrap_or("").as_bytes())

@@ -15,6 +15,10 @@ use serde_json::Value;
 use smaregi_relay::stock::sign;
 use tokio::sync::watch;
 
+use super::smaregi::{ACCESS_TOKEN, CONTRACT_ID, TERMINAL};
+use smaregi_sim::Simulator;
+use std::path::Path;
+
 pub const DOWNSTREAM_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 
 /// One stock value as received.
@@ -151,4 +155,36 @@ impl Downstream {
     pub fn answer(&self, status: u16) {
         self.status.store(status, Ordering::SeqCst);
     }
+}
+
+/// A daemon config in `dir` calling the simulator and pushing to
+/// `downstream`: `extra` goes into `[stock]`, `tables` after everything.
+/// Back-fill is off unless `extra` sets it, so that the Smaregi calls a
+/// test counts are its notices' own.
+pub fn stock_config(
+    dir: &Path,
+    sim: &Simulator,
+    downstream: &Downstream,
+    extra: &str,
+    tables: &str,
+) -> std::path::PathBuf {
+    let extra = if extra.contains("backfill-interval-minutes") {
+        extra.to_owned()
+    } else {
+        format!("backfill-interval-minutes = 0\n{extra}")
+    };
+    super::write_file(dir, "smaregi-token", ACCESS_TOKEN, 0o600);
+    super::write_file(dir, "downstream-secret", DOWNSTREAM_SECRET, 0o600);
+    super::write_config(
+        dir,
+        &format!(
+            "[smaregi]\nendpoint = \"{}\"\ncontract-id = \"{CONTRACT_ID}\"\n\
+             access-token = {{ file = \"smaregi-token\" }}\nterminal-id = \"{TERMINAL}\"\n\n\
+             [outbox]\nretry-schedule-seconds = [0, 1]\nretry-repeat-seconds = 1\n\n\
+             [stock]\n{extra}\n[stock.downstream]\nurl = \"{}\"\nsecret = {{ file = \"downstream-secret\" }}\n\
+             batch-size = 100\n{tables}",
+            sim.url(),
+            downstream.url()
+        ),
+    )
 }
