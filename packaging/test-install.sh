@@ -215,6 +215,14 @@ wrong=$(in_ct curl -sk -o /dev/null -w '%{http_code}' --max-time 10 -d proc_name
     -d relay_secret=wrong-secret-wrong-secret https://127.0.0.1:8443/smaregi/notify)
 [ "$wrong" = 401 ] || fail "a wrong secret was answered $wrong, not 401"
 
+log "operator commands over the control socket"
+socket_mode=$(in_ct stat -c '%a %G' /run/smaregi-relay/control.sock)
+[ "$socket_mode" = "660 smaregi-relay" ] || fail "control socket is '$socket_mode', not '660 smaregi-relay'"
+in_ct smaregi-relay status | grep -q "正常 (all well)" || fail "\`smaregi-relay status\` does not say all is well"
+in_ct smaregi-relay pause --reason install-test >/dev/null || fail "pause failed"
+in_ct smaregi-relay status --json | grep -q '"install-test"' || fail "the pause is not in the status"
+in_ct smaregi-relay resume >/dev/null || fail "resume failed"
+
 # The same notification again is a resend: answered 200, found in the
 # inbox under the same sequence number. Proves the stored data survived.
 expect_resend() {
