@@ -221,10 +221,19 @@ fn a_file_copied_in_slowly_is_imported_once_and_complete() {
     drop(file);
     let processed = s.drop.join("processed");
     wait_until("the file is processed", || names(&processed).len() == 2);
-    // Give a wrong second take the chance to happen before looking.
-    std::thread::sleep(Duration::from_millis(1500));
+    // Files are taken one at a time: once a later file has been handled,
+    // a wrong second take of the slow one would have happened too.
+    drop_file(&s.drop, "zz-marker.csv", b"not,a,mapping\n");
+    let rejected = s.drop.join("rejected");
+    wait_until("the marker is handled", || names(&rejected).len() == 2);
     assert_eq!(names(&processed).len(), 2);
-    assert!(names(&s.drop.join("rejected")).is_empty());
+    assert!(
+        names(&rejected)
+            .iter()
+            .all(|n| n.starts_with("zz-marker.csv")),
+        "{:?}",
+        names(&rejected)
+    );
     assert!(daemon.stop().success());
     let (version, pairs) = stored_mapping(&s.dir.join("state"));
     assert_eq!(version, 1);
