@@ -14,6 +14,7 @@
 //! This module owns the wiring and nothing else: every component's logic
 //! lives in its own module.
 
+use std::future::Future;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -113,7 +114,10 @@ pub fn run(config_path: &Path) -> Result<(), DaemonError> {
         .thread_name("smaregi-relay")
         .build()
         .map_err(DaemonError::Runtime)?;
-    let result = runtime.block_on(serve(loaded));
+    let result = runtime.block_on(async {
+        let stop = stop_signals().map_err(DaemonError::Signals)?;
+        serve(loaded, stop, None).await
+    });
     if let Err(DaemonError::Store(StoreError::CommitFailed { .. })) = &result {
         // Tasks still hold store handles: see `abandon`.
         std::mem::forget(runtime);
@@ -121,10 +125,42 @@ pub fn run(config_path: &Path) -> Result<(), DaemonError> {
     result
 }
 
-async fn serve(loaded: LoadedConfig) -> Result<(), DaemonError> {
+/// Resolves with the signal's name on SIGTERM or SIGINT.
+fn stop_signals() -> std::io::Result<impl Future<Output = &'static str>> {
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = terminate.recv() => "SIGTERM",
+            _ = interrupt.recv() => "SIGINT",
+        }
+    })
+}
+
+/// Where a started daemon can be reached.
+#[derive(Debug, Clone)]
+pub struct Running {
+    /// The TLS listener (notifications and the order and stock APIs).
+    pub intake: std::net::SocketAddr,
+    /// The SHA-256 fingerprint of the certificate it serves.
+    pub fingerprint: String,
+    /// The control socket, if it could be opened.
+    pub control_socket: Option<std::path::PathBuf>,
+    /// The admin listener (metrics, health, the staff status page), plain
+    /// HTTP on loopback.
+    pub admin: Option<std::net::SocketAddr>,
+}
+
+/// Runs the daemon until `stop` resolves (with the reason, for the log),
+/// then drains. `running` hears where it listens once it is ready.
+///
+/// Logging must be set up by the caller.
+pub async fn serve(
+    loaded: LoadedConfig,
+    stop: impl Future<Output = &'static str>,
+    running: Option<tokio::sync::oneshot::Sender<Running>>,
+) -> Result<(), DaemonError> {
     let config = loaded.config;
-    let mut terminate = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
-    let mut interrupt = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
 
     let options = StoreOptions::from_config(&config.storage);
     let store = tokio::task::spawn_blocking(move || Store::open(&options))
@@ -235,7 +271,7 @@ async fn serve(loaded: LoadedConfig) -> Result<(), DaemonError> {
         }
     });
     let control_path = config.admin.control_socket.clone();
-    match control::server::bind(&control_path) {
+    let control_socket = match control::server::bind(&control_path) {
         Ok(socket) => {
             let control = Arc::new(control::server::Control {
                 engine: engine.clone(),
@@ -246,18 +282,22 @@ async fn serve(loaded: LoadedConfig) -> Result<(), DaemonError> {
             info!(path = %control_path.display(), "control socket ready");
             tasks.spawn(control::server::serve(
                 socket,
-                control_path,
+                control_path.clone(),
                 control,
                 shutdown.clone(),
             ));
+            Some(control_path)
         }
         // The relay's work goes on; only the operator commands are lost.
-        Err(e) => error!(
-            path = %control_path.display(),
-            error = %e,
-            "cannot open the control socket: operator commands will not reach this daemon"
-        ),
-    }
+        Err(e) => {
+            error!(
+                path = %control_path.display(),
+                error = %e,
+                "cannot open the control socket: operator commands will not reach this daemon"
+            );
+            None
+        }
+    };
     if let Some(book) = orders {
         tasks.spawn(release_held_orders(
             book,
@@ -286,10 +326,17 @@ async fn serve(loaded: LoadedConfig) -> Result<(), DaemonError> {
 
     notify(&[("READY", "1"), ("STATUS", &status.line())]);
     info!(%address, "ready");
+    if let Some(running) = running {
+        let _ = running.send(Running {
+            intake: address,
+            fingerprint: status.fingerprint(),
+            control_socket,
+            admin: None,
+        });
+    }
 
     let stop = tokio::select! {
-        _ = terminate.recv() => Ok("SIGTERM"),
-        _ = interrupt.recv() => Ok("SIGINT"),
+        reason = stop => Ok(reason),
         error = store.failed() => Err(error),
     };
     let signal_name = match stop {
@@ -303,7 +350,7 @@ async fn serve(loaded: LoadedConfig) -> Result<(), DaemonError> {
             return Err(abandon(store, error));
         }
     };
-    info!(signal = signal_name, "shutting down");
+    info!(reason = signal_name, "shutting down");
     notify(&[("STOPPING", "1"), ("STATUS", "shutting down")]);
     shutdown.cancel();
 
@@ -403,6 +450,10 @@ impl StatusLine {
         let mut parts = self.parts();
         parts.fingerprint = fingerprint;
         parts.certificate_problem = None;
+    }
+
+    fn fingerprint(&self) -> String {
+        self.parts().fingerprint.clone()
     }
 
     fn set_certificate_problem(&self, problem: String) {
