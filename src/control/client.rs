@@ -215,10 +215,10 @@ pub fn render(command: &Command, data: &Value) -> String {
             let outbox = &data["outbox"];
             let parked = outbox["parked"].as_u64().unwrap_or(0);
             let paused = outbox["paused"].as_object().cloned().unwrap_or_default();
-            let health = if parked > 0 || !paused.is_empty() {
-                "要対応 (needs attention)"
-            } else {
-                "正常 (all well)"
+            let health = match data["health"].as_str() {
+                Some("green") => "正常 (all well)",
+                Some("amber") => "要確認 (worth a look)",
+                _ => "要対応 (needs attention)",
             };
             line(format!(
                 "smaregi-relay {} · {health} · up {} · {}",
@@ -253,6 +253,49 @@ pub fn render(command: &Command, data: &Value) -> String {
                 ));
             }
             line(format!("mapping version: {}", data["mapping_version"]));
+            match data["last_import"]["result"].as_str() {
+                Some("imported") => line(format!(
+                    "last CSV: {} imported as version {}",
+                    data["last_import"]["file"].as_str().unwrap_or("?"),
+                    data["last_import"]["version"]
+                )),
+                Some("rejected") => line(format!(
+                    "last CSV: {} rejected ({} problems), report {}",
+                    data["last_import"]["file"].as_str().unwrap_or("?"),
+                    data["last_import"]["errors"],
+                    data["last_import"]["report"].as_str().unwrap_or("?")
+                )),
+                _ => line("last CSV: none since start".into()),
+            }
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            match data["last_notification_at"].as_u64() {
+                Some(at) => line(format!(
+                    "last notification: {} ago",
+                    seconds(now.saturating_sub(at / 1000))
+                )),
+                None => line("last notification: none since start".into()),
+            }
+            if let Some(not_after) = data["certificate"]["not_after"].as_i64() {
+                let left = not_after - now as i64;
+                line(format!(
+                    "certificate: expires {} ({})",
+                    crate::smaregi::jst::format_unix_millis(not_after.max(0) as u64 * 1000),
+                    if left > 0 {
+                        format!("in {}", seconds(left as u64))
+                    } else {
+                        "expired".into()
+                    }
+                ));
+            }
+            for problem in data["problems"].as_array().into_iter().flatten() {
+                line(format!(
+                    "! {}\n  {}",
+                    problem["japanese"].as_str().unwrap_or(""),
+                    problem["english"].as_str().unwrap_or("")
+                ));
+            }
         }
         Command::OutboxList { .. } => {
             let jobs = data.as_array().cloned().unwrap_or_default();

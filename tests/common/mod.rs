@@ -43,11 +43,12 @@ pub fn write_config(dir: &Path, extra: &str) -> PathBuf {
     } else {
         format!("{text}\n[listener]\naddress = \"127.0.0.1:0\"\n")
     };
-    // Each test daemon's control socket beside its config.
+    // Each test daemon's control socket beside its config, and its admin
+    // listener on a free port.
     let text = if extra.contains("[admin]") {
         text
     } else {
-        format!("{text}\n[admin]\ncontrol-socket = \"control.sock\"\n")
+        format!("{text}\n[admin]\ncontrol-socket = \"control.sock\"\nlisten = \"127.0.0.1:0\"\n")
     };
     write_file(dir, "config.toml", &text, 0o640)
 }
@@ -288,6 +289,8 @@ pub fn limit_file_size(command: &mut Command, limit: u64) {
 pub struct RunningDaemon {
     pub daemon: Daemon,
     pub port: u16,
+    /// The admin listener's base URL (`http://127.0.0.1:PORT/`), if it listens.
+    pub admin: Option<String>,
     /// Where the daemon keeps its state (`state/` beside a config from
     /// [`write_config`]).
     pub state: PathBuf,
@@ -314,9 +317,15 @@ impl RunningDaemon {
             .and_then(|address| address.rsplit_once(':'))
             .and_then(|(_, port)| port.parse().ok())
             .unwrap_or_else(|| panic!("no listening address in {ready:?}"));
+        // … · status page http://127.0.0.1:PORT/ · …
+        let admin = ready
+            .split(" · ")
+            .find_map(|part| part.strip_prefix("status page "))
+            .map(|url| url.trim().to_owned());
         Self {
             daemon,
             port,
+            admin,
             state: config.parent().expect("a config file").join("state"),
         }
     }
