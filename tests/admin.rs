@@ -75,7 +75,10 @@ async fn poll(url: &str, done: impl Fn(&str) -> bool) -> String {
 async fn started(dir: &Path, sim: &Simulator, downstream: &Downstream) -> RunningDaemon {
     let config = stock_config(dir, sim, downstream, "", "");
     let relay = RunningDaemon::start(dir, &config);
-    assert!(relay.admin.is_some(), "the STATUS= line names the status page");
+    assert!(
+        relay.admin.is_some(),
+        "the STATUS= line names the status page"
+    );
     relay
 }
 
@@ -89,7 +92,10 @@ async fn metrics_and_health_report_what_happened() {
     assert!(admin.starts_with("http://127.0.0.1:"), "{admin}");
 
     assert_eq!(get(&format!("{admin}healthz")).await, (200, "ok\n".into()));
-    assert_eq!(get(&format!("{admin}readyz")).await, (200, "ready\n".into()));
+    assert_eq!(
+        get(&format!("{admin}readyz")).await,
+        (200, "ready\n".into())
+    );
 
     sim.with_contract(|c| c.set_stock("1", "501", 4, 1));
     assert_eq!(stock_notice(&relay, INTAKE_SECRET).await, 200);
@@ -165,11 +171,7 @@ async fn metrics_and_health_report_what_happened() {
     let (code, body) = get(&format!("{admin}nope")).await;
     assert_eq!(code, 404);
     assert!(body.contains("/metrics"), "{body}");
-    let response = http()
-        .post(format!("{admin}metrics"))
-        .send()
-        .await
-        .unwrap();
+    let response = http().post(format!("{admin}metrics")).send().await.unwrap();
     assert_eq!(response.status().as_u16(), 405);
     // The daemon keeps serving.
     assert_eq!(get(&format!("{admin}healthz")).await.0, 200);
@@ -309,6 +311,17 @@ async fn the_status_page_shows_a_parked_job_in_chromium() {
     let status: Value = serde_json::from_str(&status).unwrap();
     let job = status["snapshot"]["parked_jobs"][0]["id"].as_u64().unwrap();
     assert_eq!(status["light"], "red");
+    // systemd hears of it, and the log names the event.
+    relay
+        .daemon
+        .notify
+        .wait_for_containing("red (1 problem: outbox.job_parked)")
+        .unwrap();
+    let log = relay.daemon.stderr();
+    assert!(
+        log.contains("ERROR") && log.contains("event=\"outbox.job_parked\""),
+        "{log}"
+    );
 
     let browser = Browser::start(&temp.path().join("chromium")).await;
     browser.open(&admin).await;
@@ -327,7 +340,13 @@ async fn the_status_page_shows_a_parked_job_in_chromium() {
         ))
         .await;
     assert_eq!(page["light"], "red", "{page}");
-    assert!(page["headline"].as_str().unwrap().starts_with("対応が必要です"), "{page}");
+    assert!(
+        page["headline"]
+            .as_str()
+            .unwrap()
+            .starts_with("対応が必要です"),
+        "{page}"
+    );
     assert_eq!(page["parked"], true, "{page}");
     assert!(page["attention"].as_u64().unwrap() >= 1, "{page}");
     let text = page["text"].as_str().unwrap();
@@ -335,7 +354,11 @@ async fn the_status_page_shows_a_parked_job_in_chromium() {
     assert!(text.contains("400"), "the downstream's answer: {text}");
     assert!(text.contains(&format!("outbox retry {job}")), "{text}");
     assert_eq!(page["lang"], "ja");
-    assert_eq!(page["overflows"], false, "readable on a {} px phone", page["width"]);
+    assert_eq!(
+        page["overflows"], false,
+        "readable on a {} px phone",
+        page["width"]
+    );
 
     let png = browser.screenshot().await;
     assert!(png.starts_with(b"\x89PNG\r\n\x1a\n"), "a PNG");
@@ -366,4 +389,45 @@ async fn the_status_page_shows_a_parked_job_in_chromium() {
         .await;
     assert_eq!(light, "green");
     sim.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_the_lan_the_page_is_https_and_asks_for_the_token() {
+    const TOKEN: &str = "status-0123456789abcdef";
+    let temp = tempfile::tempdir().unwrap();
+    common::write_file(temp.path(), "status-token", TOKEN, 0o600);
+    let config = common::write_config(
+        temp.path(),
+        "[admin]\ncontrol-socket = \"control.sock\"\nlisten = \"0.0.0.0:0\"\n\
+         status-token = { file = \"status-token\" }\n",
+    );
+    let relay = RunningDaemon::start(temp.path(), &config);
+    let admin = relay.admin.clone().unwrap();
+    let port = admin
+        .strip_prefix("https://0.0.0.0:")
+        .unwrap_or_else(|| panic!("{admin}"))
+        .trim_end_matches('/');
+    let https = smaregi_sim::sender::http_client(Some(&relay.certificate())).unwrap();
+    let base = format!("https://localhost:{port}");
+    let status = |url: String| {
+        let https = https.clone();
+        async move { https.get(url).send().await.unwrap().status().as_u16() }
+    };
+    assert_eq!(status(format!("{base}/healthz")).await, 200);
+    assert_eq!(status(format!("{base}/")).await, 401);
+    assert_eq!(status(format!("{base}/metrics?token=wrong")).await, 401);
+    assert_eq!(status(format!("{base}/?token={TOKEN}")).await, 200);
+    let metrics = https
+        .get(format!("{base}/metrics"))
+        .header("authorization", format!("Bearer {TOKEN}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(metrics.status().as_u16(), 200);
+    // Plain HTTP to it gets no page.
+    assert!(http()
+        .get(format!("http://127.0.0.1:{port}/?token={TOKEN}"))
+        .send()
+        .await
+        .is_err());
 }

@@ -90,6 +90,11 @@ impl NotifySocket {
         self.wait_for_line(prefix, |line| line.starts_with(prefix))
     }
 
+    /// Waits for a notification with a line that contains `needle`.
+    pub fn wait_for_containing(&self, needle: &str) -> Result<String, String> {
+        self.wait_for_line(needle, |line| line.contains(needle))
+    }
+
     fn wait_for_line(
         &self,
         needle: &str,
