@@ -48,7 +48,7 @@ fn headline(light: Light, problems: usize) -> (&'static str, String, String) {
 }
 
 fn when(millis: u64) -> String {
-    jst::format_unix_millis(millis)
+    format!("{} JST", jst::format_unix_millis(millis))
 }
 
 fn ago(now: u64, then: u64) -> (String, String) {
