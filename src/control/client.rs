@@ -22,6 +22,8 @@ pub enum ClientError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("not allowed to use the control socket at {}: run the command as root, or as a member of group smaregi-relay (`sudo usermod -aG smaregi-relay $USER`, then log in again)", path.display())]
+    Forbidden { path: PathBuf },
     #[error("the daemon's answer did not arrive: {0}")]
     Io(#[from] std::io::Error),
     #[error("the daemon's answer is not one: {0}")]
@@ -35,6 +37,7 @@ impl ClientError {
     pub fn exit_code(&self) -> u8 {
         match self {
             Self::Unreachable { .. } | Self::Io(_) | Self::Malformed(_) => crate::exit::UNAVAILABLE,
+            Self::Forbidden { .. } => crate::exit::NO_PERMISSION,
             Self::Failed { failure, .. } => match failure {
                 Failure::NotFound | Failure::Refused => crate::exit::REFUSED,
                 Failure::BadRequest => crate::exit::USAGE,
@@ -70,9 +73,13 @@ pub fn socket_path(config: &Path) -> PathBuf {
 
 /// Sends `command` to the daemon at `socket`; its data, or why not.
 pub fn send(socket: &Path, command: &Command) -> Result<Value, ClientError> {
-    let mut stream = UnixStream::connect(socket).map_err(|source| ClientError::Unreachable {
-        path: socket.to_owned(),
-        source,
+    let mut stream = UnixStream::connect(socket).map_err(|source| {
+        let path = socket.to_owned();
+        if source.kind() == std::io::ErrorKind::PermissionDenied {
+            ClientError::Forbidden { path }
+        } else {
+            ClientError::Unreachable { path, source }
+        }
     })?;
     stream.set_read_timeout(Some(TIMEOUT))?;
     stream.set_write_timeout(Some(TIMEOUT))?;
