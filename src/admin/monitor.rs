@@ -87,10 +87,10 @@ fn report_changes(observed: &Observed, known: &mut HashMap<String, Problem>, cur
         }
         match problem.severity {
             Severity::Critical => {
-                error!(event = problem.event, key = %problem.key, "{}", problem.english)
+                error!(event = problem.event, alert = "raised", key = %problem.key, "{}", problem.english)
             }
             Severity::Warning => {
-                warn!(event = problem.event, key = %problem.key, "{}", problem.english)
+                warn!(event = problem.event, alert = "raised", key = %problem.key, "{}", problem.english)
             }
         }
         let level = match problem.severity {
@@ -109,7 +109,7 @@ fn report_changes(observed: &Observed, known: &mut HashMap<String, Problem>, cur
         .collect();
     for key in resolved {
         let problem = known.remove(&key).expect("listed above");
-        info!(event = problem.event, key = %problem.key, "resolved: {}", problem.english);
+        info!(event = problem.event, alert = "resolved", key = %problem.key, "{}", problem.english);
         observed.journal.record(
             "info",
             format!("解決しました: {}", problem.japanese),

@@ -400,7 +400,7 @@ impl Engine {
         }
         self.inner.store.commit().await?;
         warn!(
-            event = "job-discarded",
+            event = "outbox.job_discarded",
             job = id,
             reason,
             "outbox: job discarded by operator"
@@ -639,7 +639,7 @@ impl Engine {
                 let until = now + PAUSE_PROBE_INTERVAL.as_millis() as u64;
                 let upstream = &registered.upstream;
                 warn!(
-                    event = "upstream-paused",
+                    event = "upstream.paused",
                     upstream,
                     reason,
                     "outbox: configuration or credential failure; delivery paused"
@@ -665,7 +665,7 @@ impl Engine {
     }
 
     async fn park(&self, job: &Job, class: ErrorClass, reason: &str) -> Result<(), EngineError> {
-        warn!(event = "job-parked", job = job.id, kind = %job.kind, key = %job.key, reason, "outbox: job parked");
+        warn!(event = "outbox.job_parked", job = job.id, kind = %job.kind, key = %job.key, reason, "outbox: job parked");
         let error = JobError::new(class, reason, self.inner.clock.now());
         self.inner.queue.park(job.id, error)?;
         self.inner.store.commit().await?;
