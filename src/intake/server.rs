@@ -419,7 +419,7 @@ impl Handler {
 
     /// Stores an accepted notification and commits it.
     async fn store(&self, offer: Offer<'_>) -> Result<(), Refusal> {
-        let accepted = self.inbox.accept(offer).map_err(|e| {
+        let accepted = crate::store::blocking_write(|| self.inbox.accept(offer)).map_err(|e| {
             warn!(error = %e, "intake: cannot store a notification");
             Refusal::Unavailable
         })?;
