@@ -666,3 +666,50 @@ async fn in_delta_mode_a_transfer_between_summed_stores_sends_nothing() {
     assert!(relay.stop().success());
     sim.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_delta_mode_a_batch_outlives_a_crash_with_its_webhook_id_and_is_applied_once() {
+    let sim = simulator().await;
+    let downstream = Downstream::start().await;
+    let temp = tempfile::tempdir().unwrap();
+    common::write_file(temp.path(), "stock-token", STOCK_TOKEN, 0o600);
+    let config = stock_config(
+        temp.path(),
+        &sim,
+        &downstream,
+        "api-token = { file = \"stock-token\" }",
+        "mode = \"delta\"\n",
+    );
+    let mut relay = RunningDaemon::start(temp.path(), &config);
+    let key = ("1".to_owned(), "801".to_owned());
+    sim.with_contract(|c| c.set_stock("1", "801", 10, 1));
+    notify(&relay, rows_now(&sim, &[("1", "801")])).await;
+    learned_and_pushed(&relay, &config, "1", "801").await;
+
+    // Three sold while the EC side is down; then the relay is killed.
+    downstream.answer(503);
+    sim.with_contract(|c| c.set_stock("1", "801", 7, 2));
+    notify(&relay, rows_now(&sim, &[("1", "801")])).await;
+    let log = until(&downstream, |log| log.refused >= 2).await;
+    let batch_id = log.refused_ids[0].clone();
+    relay.daemon.signal(libc::SIGKILL);
+    relay.daemon.wait();
+
+    // One more sold meanwhile. Back up, the stored batch goes first, as
+    // it was, under its webhook-id; the newer change follows on its own.
+    sim.with_contract(|c| c.set_stock("1", "801", 6, 3));
+    downstream.answer(200);
+    let life = temp.path().join("second-life");
+    std::fs::create_dir(&life).unwrap();
+    let relay = RunningDaemon::ready(common::Daemon::start(&life, &config), &config);
+    let log = until(&downstream, |log| log.applied.get(&key) == Some(&-3)).await;
+    assert!(log.ids.contains(&batch_id), "{log:?}");
+    assert!(log.refused_ids.iter().all(|id| *id == batch_id), "{log:?}");
+    notify(&relay, rows_now(&sim, &[("1", "801")])).await;
+    let log = until(&downstream, |log| log.applied.get(&key) == Some(&-4)).await;
+    let deltas: Vec<_> = log.values[&key].iter().map(|r| r.delta).collect();
+    assert_eq!(deltas, [Some(-3), Some(-1)]);
+    assert_eq!((log.duplicates, log.bad_signatures), (0, 0));
+    assert!(relay.stop().success());
+    sim.stop().await;
+}

@@ -266,6 +266,9 @@ async fn outage(mode: &str) {
         failures_within(&h.policy, outage),
         "failures until the downstream is back"
     );
+    // The default schedule: 0, 5, 30, 120, 600, 1800, 3600 s, then every
+    // 7200 s: nine failures in five hours.
+    assert_eq!(expected_failures, 9);
     let log = h.downstream.log.borrow().clone();
     assert_eq!(
         log.refused as u32, expected_failures,
