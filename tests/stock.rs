@@ -428,11 +428,18 @@ async fn a_rejected_product_waits_for_an_operator_while_the_others_go_on() {
     let relay = RunningDaemon::start(temp.path(), &config);
     let key = |product: &str| ("1".to_owned(), product.to_owned());
 
-    // The EC side does not know 601 and refuses any batch holding it.
+    // The EC side does not know 601 and refuses any batch holding it:
+    // the batch with 600 is split, 600 goes through, 601 is refused alone.
     downstream.reject_product(Some("601"));
-    sim.with_contract(|c| c.set_stock("1", "601", 5, 1));
-    notify(&relay, rows_now(&sim, &[("1", "601")])).await;
-    until(&downstream, |log| log.rejected == 1).await;
+    sim.with_contract(|c| {
+        c.set_stock("1", "600", 8, 1);
+        c.set_stock("1", "601", 5, 1);
+    });
+    notify(&relay, rows_now(&sim, &[("1", "600"), ("1", "601")])).await;
+    until(&downstream, |log| {
+        log.rejected == 2 && log.latest().get(&key("600")) == Some(&8)
+    })
+    .await;
 
     // Other products go on, and 601's next change is not queued behind.
     for (round, amount) in [(2, 7), (3, 6)] {
@@ -447,7 +454,7 @@ async fn a_rejected_product_waits_for_an_operator_while_the_others_go_on() {
         .await;
     }
     let log = downstream.log.borrow().clone();
-    assert_eq!(log.rejected, 1, "601 was not sent again: {log:?}");
+    assert_eq!(log.rejected, 2, "601 was not sent again: {log:?}");
     assert!(!log.values.contains_key(&key("601")));
 
     // The rejected batch is a parked job of its own, with the answer.

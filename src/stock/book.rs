@@ -12,7 +12,8 @@
 //! | `C` | change id | the last `StockHistory` change back-filled |
 //! | `S` product | sum | the sum over the summed stores the downstream last acknowledged |
 //! | `A` dstore `␀` product | baseline | delta mode: the mirror value the downstream's count stands for (see [`super::delta`]) |
-//! | `H` dstore `␀` product | job id | a batch with this product was rejected: only that (parked) job sends it |
+//! | `U` dstore `␀` product | batch size | a batch with this product was rejected: sent in batches this small until the refused one is found |
+//! | `H` dstore `␀` product | job id | the downstream refused this product alone: only that (parked) job sends it |
 //! | `P` job id | [`BatchHead`] | delta mode: the batch a push job is sending, until acknowledged or rejected |
 //! | `Q` job id index | [`Item`] | that batch's items |
 //!
@@ -48,11 +49,14 @@
 //! records the value (see [`super::delta`]); each echo record is removed
 //! in that transaction, so it counts once.
 //!
-//! Rejections never block other products: a batch the downstream refuses
-//! with a 4xx (other than 408 and 429) becomes a job of its own (kind
-//! [`HELD_KIND`], its own ordering key) that parks with the downstream's
-//! answer and holds exactly that batch's products (`H`), while the
-//! regular pushes go on with the others. A refresh does not queue a held
+//! Rejections never block other products: when the downstream refuses a
+//! batch of several products with a 4xx (other than 408 and 429), its
+//! products become suspects (`U`) and go out again in batches of half
+//! the size, before anything else, until each is accepted or refused
+//! alone: a bad product among n costs about 2·log₂ n requests. A product
+//! refused alone becomes a job of its own (kind [`HELD_KIND`], its own
+//! ordering key) that parks with the downstream's answer and holds it
+//! (`H`), while the regular pushes go on with the others. A refresh does not queue a held
 //! product for the regular push. An operator's retry of the parked job
 //! sends its products' values as they are then (absolute) or their
 //! change then (delta); once accepted, the products are released and a
@@ -105,6 +109,7 @@ const BACKFILL_CURSOR: &[u8] = b"C";
 const SUM_SENT: u8 = b'S';
 const BASELINE: u8 = b'A';
 const HELD: u8 = b'H';
+const SUSPECT: u8 = b'U';
 const BATCH_HEAD: u8 = b'P';
 const BATCH_ITEM: u8 = b'Q';
 /// A push whose batch the downstream rejected: parks, holding its products.
@@ -807,7 +812,7 @@ impl StockBook {
     fn build_batch(
         &self,
         job: u64,
-        dkeys: &[(DownstreamKey, Vec<(String, u64)>)],
+        dkeys: &[Queued],
         catalog: &dyn Catalog,
     ) -> Result<Vec<Item>, StockError> {
         let delta_mode = self.mode() == Some(DownstreamMode::Delta);
@@ -904,6 +909,7 @@ impl StockBook {
             let mut requeued = false;
             for item in items {
                 clear_marks(stock, &item.product, &item.marks)?;
+                stock.remove(pair_key(SUSPECT, &item.store_id, &item.product))?;
                 if let Some(change) = item.delta {
                     let key = pair_key(BASELINE, &item.store_id, &item.product);
                     let baseline = match stock.get(&key)? {
@@ -969,17 +975,35 @@ impl StockBook {
         Ok(())
     }
 
-    /// The downstream rejected the regular push `items`: a held job of
-    /// their own parks with `reason` and holds them; their outgoing marks
-    /// go (the held job sends them); the stored batch goes (nothing was
-    /// applied). The regular pushes go on.
+    /// The downstream rejected the regular push `items`; the stored batch
+    /// goes (nothing was applied). Several products become suspects, to
+    /// be sent again in batches of half the size; a product refused alone
+    /// gets a held job of its own, which parks with `reason` and holds it
+    /// (its outgoing marks go: the held job sends it). The regular pushes
+    /// go on. Returns the held job, if any.
     async fn record_rejected(
         &self,
         job: u64,
         items: &[Item],
         reason: &str,
-    ) -> Result<u64, StockError> {
+    ) -> Result<Option<u64>, StockError> {
         let now = self.now();
+        if items.len() > 1 {
+            let size = items.len().div_ceil(2) as u32;
+            let result = self.tree.transaction(|stock| {
+                for item in items {
+                    stock.insert(
+                        pair_key(SUSPECT, &item.store_id, &item.product),
+                        &size.to_be_bytes(),
+                    )?;
+                }
+                remove_batch(stock, job, items.len())?;
+                Ok(())
+            });
+            self.finish(result)?;
+            self.restage_if_waiting(now).await?;
+            return Ok(None);
+        }
         let held_job = self.store.generate_id()?;
         let result = (&self.tree, self.queue.tree()).transaction(|(stock, outbox)| {
             let new = NewJob {
@@ -990,6 +1014,7 @@ impl StockBook {
             };
             widen_abort(Queue::stage(outbox, held_job, &new, now))?;
             for item in items {
+                stock.remove(pair_key(SUSPECT, &item.store_id, &item.product))?;
                 stock.insert(
                     pair_key(HELD, &item.store_id, &item.product),
                     &held_job.to_be_bytes(),
@@ -1003,7 +1028,49 @@ impl StockBook {
         });
         self.finish(result)?;
         self.restage_if_waiting(now).await?;
-        Ok(held_job)
+        Ok(Some(held_job))
+    }
+
+    /// The next suspects to send, with the outgoing marks behind them:
+    /// as many as the first one's batch size says.
+    fn next_suspects(&self) -> Result<Vec<Queued>, StockError> {
+        let mut out = Vec::new();
+        let mut size = usize::MAX;
+        for item in self.tree.scan_prefix([SUSPECT]) {
+            if out.len() >= size {
+                break;
+            }
+            let (key, value) = self.store.check(item)?;
+            let dkey = split_pair(&key).ok_or_else(|| StockError::Corrupt("suspect key".into()))?;
+            let wanted = value
+                .as_ref()
+                .try_into()
+                .map(u32::from_be_bytes)
+                .map_err(|_| StockError::Corrupt("suspect size".into()))?;
+            size = size.min((wanted as usize).max(1));
+            let mut marks = Vec::new();
+            for store in self.stores_behind(&dkey.0) {
+                if let Some(stamp) = self
+                    .store
+                    .check(self.tree.get(pair_key(OUTGOING, &store, &dkey.1)))?
+                {
+                    marks.push((store, u64_of(&stamp, "outgoing stamp")?));
+                }
+            }
+            out.push((dkey, marks));
+        }
+        Ok(out)
+    }
+
+    /// Forgets suspects that turned out to have nothing to send.
+    fn clear_suspects(&self, keys: &[DownstreamKey]) -> Result<(), StockError> {
+        let result = self.tree.transaction(|stock| {
+            for (dstore, product) in keys {
+                stock.remove(pair_key(SUSPECT, dstore, product))?;
+            }
+            Ok(())
+        });
+        self.finish(result)
     }
 
     /// Makes a stored delta batch durable before it is first sent.
@@ -1029,6 +1096,9 @@ impl StockBook {
 /// What the downstream would get for a key now: the value (or sum), the
 /// latest Smaregi time, and the mirror stamps behind it, per store.
 type Current = (i64, Option<String>, Vec<(String, u64)>);
+
+/// A downstream key to send, with the outgoing marks (store, stamp) behind it.
+type Queued = (DownstreamKey, Vec<(String, u64)>);
 
 /// What a stored delta batch is sent as.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -1281,14 +1351,23 @@ impl PushExecutor {
             Some((_, items)) => items,
             None => {
                 let holds = book.live_holds()?;
-                let mut dkeys: BTreeMap<DownstreamKey, Vec<(String, u64)>> = BTreeMap::new();
-                for (store, product, stamp) in book.outgoing(self.batch_size)? {
-                    let dkey = (book.downstream_store(&store), product);
-                    dkeys.entry(dkey).or_default().push((store, stamp));
-                }
+                // Products of a rejected batch first, in smaller batches.
+                let suspects = book.next_suspects()?;
+                let dkeys: BTreeMap<DownstreamKey, Vec<(String, u64)>> = if suspects.is_empty() {
+                    let mut dkeys: BTreeMap<DownstreamKey, Vec<(String, u64)>> = BTreeMap::new();
+                    for (store, product, stamp) in book.outgoing(self.batch_size)? {
+                        let dkey = (book.downstream_store(&store), product);
+                        dkeys.entry(dkey).or_default().push((store, stamp));
+                    }
+                    dkeys
+                } else {
+                    suspects.into_iter().collect()
+                };
                 let (held, free): (Vec<_>, Vec<_>) = dkeys
                     .into_iter()
                     .partition(|(dkey, _)| holds.contains_key(dkey));
+                let held_keys: Vec<DownstreamKey> =
+                    held.iter().map(|(dkey, _)| dkey.clone()).collect();
                 if !held.is_empty() {
                     // Queued before their hold; the held job sends them.
                     let result = book.tree.transaction(|stock| {
@@ -1300,10 +1379,22 @@ impl PushExecutor {
                     book.finish(result)?;
                 }
                 if free.is_empty() {
+                    book.clear_suspects(&held_keys)?;
                     book.restage_if_waiting(book.now()).await?;
                     return Ok(AttemptOutcome::Success);
                 }
                 let items = book.build_batch(job.id, &free, self.catalog.as_ref())?;
+                let idle: Vec<DownstreamKey> = free
+                    .iter()
+                    .map(|(dkey, _)| dkey.clone())
+                    .chain(held_keys)
+                    .filter(|(dstore, product)| {
+                        !items
+                            .iter()
+                            .any(|i| i.store_id == *dstore && i.product == *product)
+                    })
+                    .collect();
+                book.clear_suspects(&idle)?;
                 book.commit_stored_batch().await?;
                 items
             }
@@ -1318,14 +1409,21 @@ impl PushExecutor {
                 Ok(AttemptOutcome::Success)
             }
             Answer::Rejected(reason) => {
-                let held = book.record_rejected(job.id, &items, &reason).await?;
-                warn!(
-                    job = job.id,
-                    held_job = held,
-                    products = items.len(),
-                    reason,
-                    "stock: the downstream rejected a batch; its products wait for an operator, the others go on"
-                );
+                match book.record_rejected(job.id, &items, &reason).await? {
+                    Some(held) => warn!(
+                        job = job.id,
+                        held_job = held,
+                        product = %items[0].product,
+                        reason,
+                        "stock: the downstream refused a product; it waits for an operator, the others go on"
+                    ),
+                    None => info!(
+                        job = job.id,
+                        products = items.len(),
+                        reason,
+                        "stock: the downstream rejected a batch; sending its products in smaller batches to find the one it refuses"
+                    ),
+                }
                 Ok(AttemptOutcome::Success)
             }
             Answer::Failed(outcome) => Ok(outcome),
