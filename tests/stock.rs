@@ -484,10 +484,19 @@ async fn a_rejected_product_waits_for_an_operator_while_the_others_go_on() {
     assert_eq!(log.values[&key("601")].len(), 1, "{log:?}");
     until_outbox(&config, |outbox| outbox["parked"] == 0).await;
 
-    // Released: its next change goes out with the others.
+    // Released: its next change goes out with the others. A 200 whose
+    // body is garbage is still the downstream's word that it took it.
+    downstream.answer_garbage();
     sim.with_contract(|c| c.set_stock("1", "601", 2, 4));
     notify(&relay, rows_now(&sim, &[("1", "601")])).await;
     let log = until(&downstream, |log| log.latest().get(&key("601")) == Some(&2)).await;
+    let status = until_outbox(&config, |outbox| outbox["pending"] == 0).await;
+    assert_eq!(status["outbox"]["parked"], 0, "{status:#}");
+    assert_eq!(
+        downstream.log.borrow().batches,
+        log.batches,
+        "not sent again"
+    );
     assert_eq!(log.bad_signatures, 0);
     assert!(relay.stop().success());
     sim.stop().await;

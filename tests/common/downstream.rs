@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -70,6 +70,8 @@ pub struct Downstream {
     status: Arc<AtomicU16>,
     /// A product whose batches are refused with 422.
     reject: Arc<Mutex<Option<String>>>,
+    /// Whether a 200 comes with a body that is not JSON.
+    garbage: Arc<AtomicBool>,
 }
 
 impl Downstream {
@@ -83,6 +85,8 @@ impl Downstream {
         let answer_status = Arc::clone(&status);
         let reject = Arc::new(Mutex::new(None::<String>));
         let rejecting = Arc::clone(&reject);
+        let garbage = Arc::new(AtomicBool::new(false));
+        let garbling = Arc::clone(&garbage);
         tokio::spawn(async move {
             loop {
                 let Ok((tcp, _)) = listener.accept().await else {
@@ -91,6 +95,7 @@ impl Downstream {
                 let log_tx = Arc::clone(&log_tx);
                 let status = Arc::clone(&answer_status);
                 let rejecting = Arc::clone(&rejecting);
+                let garbling = Arc::clone(&garbling);
                 let key = key.clone();
                 tokio::spawn(async move {
                     let service =
@@ -98,6 +103,7 @@ impl Downstream {
                             let log_tx = Arc::clone(&log_tx);
                             let status = Arc::clone(&status);
                             let rejecting = Arc::clone(&rejecting);
+                            let garbling = Arc::clone(&garbling);
                             let key = key.clone();
                             async move {
                                 let header = |name: &str| {
@@ -171,6 +177,8 @@ impl Downstream {
                                 let status = if valid { answer } else { 401 };
                                 let body = if status == 422 {
                                     Bytes::from_static(b"{\"error\": \"unknown product\"}")
+                                } else if garbling.load(Ordering::SeqCst) {
+                                    Bytes::from_static(b"<html>\xff\xfe oops")
                                 } else {
                                     Bytes::from_static(b"{}")
                                 };
@@ -193,6 +201,7 @@ impl Downstream {
             log,
             status,
             reject,
+            garbage,
         }
     }
 
@@ -203,6 +212,11 @@ impl Downstream {
     /// Refuses, with 422, every batch that holds `product` (`None`: none).
     pub fn reject_product(&self, product: Option<&str>) {
         *self.reject.lock().unwrap() = product.map(str::to_owned);
+    }
+
+    /// Answers 200 with a body that is not JSON (nor UTF-8) from now on.
+    pub fn answer_garbage(&self) {
+        self.garbage.store(true, Ordering::SeqCst);
     }
 
     /// Answers every batch with `status` from now on.
