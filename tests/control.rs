@@ -79,7 +79,7 @@ async fn operators_see_and_fix_a_parked_job_and_pause_delivery() {
         );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     };
-    assert_eq!(parked["kind"], "stock.push");
+    assert_eq!(parked["kind"], "stock.push-held");
     let id = parked["id"].as_u64().unwrap().to_string();
     let shown = relay_json(&config, &["outbox", "show", &id]);
     assert!(

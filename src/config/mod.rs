@@ -511,6 +511,9 @@ pub struct DownstreamConfig {
     pub batch_size: u32,
     #[serde(default)]
     pub clamp: Clamp,
+    /// Whether the downstream gets absolute values or changes.
+    #[serde(default = "default_downstream_mode")]
+    pub mode: DownstreamMode,
     /// Stores whose stock the downstream gets as one sum per product
     /// (e.g. shop and warehouse behind one online shop); empty: per store.
     #[serde(default)]
@@ -520,6 +523,22 @@ pub struct DownstreamConfig {
     /// A PEM certificate to trust besides the system's roots.
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
+}
+
+/// What a downstream is sent for each product.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DownstreamMode {
+    /// The stock itself: latest wins, a resend is harmless.
+    #[default]
+    Absolute,
+    /// The change since what the downstream acknowledged, for downstreams
+    /// that only accept changes; each change is applied exactly once.
+    Delta,
+}
+
+fn default_downstream_mode() -> DownstreamMode {
+    DownstreamMode::Absolute
 }
 
 /// What range of stock the downstream can hold.
