@@ -337,6 +337,9 @@ pub fn describe_kind(kind: &str) -> (&'static str, &'static str) {
         crate::stock::book::REFRESH_KIND => {
             ("スマレジからの在庫取得", "Reading stock from Smaregi")
         }
+        crate::stock::book::HELD_KIND => {
+            ("ECに受け付けられなかった在庫", "Stock the EC side refused")
+        }
         crate::stock::book::PUSH_KIND => ("ECへの在庫送信", "Sending stock to the EC side"),
         crate::stock::book::BACKFILL_KIND => ("在庫変動の取り込み", "Catching up stock changes"),
         _ => ("送信", "A delivery"),

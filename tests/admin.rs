@@ -350,7 +350,7 @@ async fn the_status_page_shows_a_parked_job_in_chromium() {
     assert_eq!(page["parked"], true, "{page}");
     assert!(page["attention"].as_u64().unwrap() >= 1, "{page}");
     let text = page["text"].as_str().unwrap();
-    assert!(text.contains("ECへの在庫送信"), "{text}");
+    assert!(text.contains("ECに受け付けられなかった在庫"), "{text}");
     assert!(text.contains("400"), "the downstream's answer: {text}");
     assert!(text.contains(&format!("outbox retry {job}")), "{text}");
     assert_eq!(page["lang"], "ja");
