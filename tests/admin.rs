@@ -14,7 +14,6 @@ use common::downstream::{stock_config, Downstream};
 use common::smaregi::simulator;
 use common::{RunningDaemon, EVENT_DEADLINE, INTAKE_SECRET};
 use serde_json::{json, Value};
-use smaregi_sim::sender::Sender;
 use smaregi_sim::Simulator;
 
 fn http() -> reqwest::Client {
@@ -43,19 +42,10 @@ async fn get(url: &str) -> (u16, String) {
 
 /// Sends Smaregi's stock notice for product 501 of store 1.
 async fn stock_notice(relay: &RunningDaemon, secret: &str) -> u16 {
-    let sender = Sender::new(Some(&relay.certificate())).unwrap();
-    let params =
-        json!({"data": [{"table_name": "Stock", "rows": [{"storeId": "1", "productId": "501"}]}]});
-    let (status, _) = sender
-        .send(
-            &relay.url("/smaregi/notify"),
-            "stock_send",
-            &params,
-            &[("relay_secret".into(), secret.into())],
-        )
+    let rows = json!([{"storeId": "1", "productId": "501"}]);
+    common::smaregi::send_stock_rows(relay, rows, secret)
         .await
-        .unwrap();
-    status
+        .0
 }
 
 /// Polls `url` until `done` holds for its body; the daemon tells no one

@@ -10,9 +10,8 @@ use std::path::Path;
 
 use common::downstream::{stock_config, Downstream};
 use common::smaregi::simulator;
-use common::{run_relay, RunningDaemon, INTAKE_SECRET};
-use serde_json::{json, Value};
-use smaregi_sim::sender::Sender;
+use common::{run_relay, RunningDaemon};
+use serde_json::Value;
 
 /// Runs an operator command with the test's config; (code, stdout, stderr).
 fn relay(config: &Path, args: &[&str]) -> (i32, String, String) {
@@ -47,19 +46,7 @@ async fn operators_see_and_fix_a_parked_job_and_pause_delivery() {
     // The EC side refuses a stock batch: the push job parks.
     downstream.answer(400);
     sim.with_contract(|c| c.set_stock("1", "501", 4, 1));
-    let sender = Sender::new(Some(&relay_daemon.certificate())).unwrap();
-    let params =
-        json!({"data": [{"table_name": "Stock", "rows": [{"storeId": "1", "productId": "501"}]}]});
-    let (answer, _) = sender
-        .send(
-            &relay_daemon.url("/smaregi/notify"),
-            "stock_send",
-            &params,
-            &[("relay_secret".into(), INTAKE_SECRET.into())],
-        )
-        .await
-        .unwrap();
-    assert_eq!(answer, 200);
+    common::smaregi::notify_stock_of(&relay_daemon, "501").await;
     let mut log = downstream.log.clone();
     tokio::time::timeout(common::EVENT_DEADLINE, log.wait_for(|l| l.refused > 0))
         .await
@@ -254,23 +241,9 @@ async fn discards_are_audited_retry_all_parked_and_outsiders_are_refused() {
 
     // The EC side refuses stock: the push parks.
     downstream.answer(400);
-    let sender = Sender::new(Some(&relay_daemon.certificate())).unwrap();
     let notice = |product: &'static str| {
         sim.with_contract(|c| c.set_stock("1", product, 4, 1));
-        let params = json!({"data": [{"table_name": "Stock", "rows": [{"storeId": "1", "productId": product}]}]});
-        let (sender, url) = (&sender, relay_daemon.url("/smaregi/notify"));
-        async move {
-            let (answer, _) = sender
-                .send(
-                    &url,
-                    "stock_send",
-                    &params,
-                    &[("relay_secret".into(), INTAKE_SECRET.into())],
-                )
-                .await
-                .unwrap();
-            assert_eq!(answer, 200);
-        }
+        common::smaregi::notify_stock_of(&relay_daemon, product)
     };
     let parked_ids = || -> Vec<u64> {
         relay_json(&config, &["outbox", "list", "--state", "parked"])

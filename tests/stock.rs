@@ -11,24 +11,13 @@ use common::downstream::{stock_config, Downstream, Log};
 use common::smaregi::simulator;
 use common::{RunningDaemon, INTAKE_SECRET};
 use serde_json::{json, Value};
-use smaregi_sim::sender::Sender;
 use smaregi_sim::Simulator;
 
 const STOCK_TOKEN: &str = "stock-api-token-0123456789";
 
 /// Sends a `stock_send` of `rows` to the daemon, as Smaregi's API送信 does.
 async fn notify(relay: &RunningDaemon, rows: Value) {
-    let sender = Sender::new(Some(&relay.certificate())).unwrap();
-    let params = json!({"data": [{"table_name": "Stock", "rows": rows}]});
-    let (status, body) = sender
-        .send(
-            &relay.url("/smaregi/notify"),
-            "stock_send",
-            &params,
-            &[("relay_secret".into(), INTAKE_SECRET.into())],
-        )
-        .await
-        .unwrap();
+    let (status, body) = common::smaregi::send_stock_rows(relay, rows, INTAKE_SECRET).await;
     assert_eq!(status, 200, "{body}");
 }
 
