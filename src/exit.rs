@@ -28,3 +28,5 @@ pub const REFUSED: u8 = 1;
 pub const USAGE: u8 = 64;
 /// The daemon could not be reached or could not answer (`EX_UNAVAILABLE`).
 pub const UNAVAILABLE: u8 = 69;
+/// Stopped by Ctrl-C (SIGINT) or SIGTERM before finishing, as shells report it (128 + SIGINT).
+pub const INTERRUPTED: u8 = 130;

@@ -23,6 +23,7 @@
 //! | [`control`] | the control socket: protocol, the daemon's server, the operator commands' client |
 //! | [`watchdog`] | the systemd watchdog: a registry of vital loops; fed only while every one of them beats |
 //! | [`daemon`] | wiring, start-up order, sd_notify, the shutdown token and drain deadline |
+//! | [`demo`] | `smaregi-relay demo`: the simulator, the daemon and a demo EC site in one process, and the scripted story a new user watches |
 //! | [`cli`] | the command-line definition shared by the binary and the generated man pages and completions |
 //! | [`exit`] | the process exit codes that scripts and systemd rely on |
 
@@ -30,6 +31,7 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod demo;
 pub mod exit;
 pub mod intake;
 pub mod mapping;

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use smaregi_relay::cli::{Cli, Command, MappingCommand};
-use smaregi_relay::{cli, config, control, daemon, exit, mapping, telemetry};
+use smaregi_relay::{cli, config, control, daemon, demo, exit, mapping, telemetry};
 
 fn main() -> ExitCode {
     let code = match Cli::parse().command {
@@ -13,6 +13,13 @@ fn main() -> ExitCode {
             Ok(()) => exit::OK,
             Err(error) => {
                 telemetry::report_fatal(&error);
+                error.exit_code()
+            }
+        },
+        Command::Demo(args) => match demo::run(&(&args).into()) {
+            Ok(()) => exit::OK,
+            Err(error) => {
+                eprintln!("{error}");
                 error.exit_code()
             }
         },
