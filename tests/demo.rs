@@ -245,7 +245,9 @@ fn keep_refuses_a_folder_that_is_not_empty() {
 
 #[test]
 fn without_exit_when_done_the_daemon_answers_until_ctrl_c_then_stops_cleanly() {
-    let mut child = spawn_demo(&[]);
+    let temp = tempfile::tempdir().unwrap();
+    let kept = temp.path().join("demo");
+    let mut child = spawn_demo(&["--keep", kept.to_str().unwrap()]);
     let pid = child.id() as libc::pid_t;
     let (lines, line) = mpsc::channel();
     let stdout = child.stdout.take().unwrap();
@@ -300,5 +302,18 @@ fn without_exit_when_done_the_daemon_answers_until_ctrl_c_then_stops_cleanly() {
     assert_eq!(
         seen.last().map(String::as_str),
         Some("停止しました / stopped cleanly")
+    );
+
+    // --keep: the folder stays, with the daemon's log (not the terminal's)
+    // and a config only its owner may read, which holds secrets.
+    let log = std::fs::read_to_string(kept.join("relay.log")).unwrap();
+    assert!(log.contains("stopped cleanly"), "{log}");
+    assert!(!seen.iter().any(|line| line.contains(" INFO ")), "{seen:?}");
+    let mode = std::fs::metadata(kept.join("config.toml"))
+        .unwrap()
+        .permissions();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+        0o600
     );
 }
