@@ -16,12 +16,10 @@ fn main() -> ExitCode {
                 error.exit_code()
             }
         },
+        // The demo has printed what went wrong, if anything.
         Command::Demo(args) => match demo::run(&(&args).into()) {
             Ok(()) => exit::OK,
-            Err(error) => {
-                eprintln!("{error}");
-                error.exit_code()
-            }
+            Err(error) => error.exit_code(),
         },
         Command::GenerateDocs { out } => match cli::generate_docs(&out) {
             Ok(()) => exit::OK,

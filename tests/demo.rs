@@ -317,3 +317,20 @@ fn without_exit_when_done_the_daemon_answers_until_ctrl_c_then_stops_cleanly() {
         0o600
     );
 }
+
+#[test]
+fn a_step_it_cannot_confirm_fails_the_demo_and_keeps_the_folder_for_a_look() {
+    // A control socket path longer than a Unix socket address can hold:
+    // the daemon runs, but without its control socket.
+    let temp = tempfile::tempdir().unwrap();
+    let kept = temp.path().join("x".repeat(110));
+    let (code, stdout, stderr) = run_demo(&["--exit-when-done", "--keep", kept.to_str().unwrap()]);
+    assert_eq!(code, 70, "stdout:\n{stdout}\nstderr:\n{stderr}");
+    assert!(
+        stderr.contains("✘ 1. ") && stderr.contains("control socket"),
+        "{stderr}"
+    );
+    assert!(!stdout.contains("✔ 1. "), "{stdout}");
+    assert!(stderr.contains("kept the demo folder"), "{stderr}");
+    assert!(kept.join("relay.log").exists());
+}

@@ -112,13 +112,39 @@ impl DemoError {
     }
 }
 
-/// Runs the demo: prints the story on stdout, returns once it is over
-/// (at Ctrl-C, or when the steps are done with `exit_when_done`).
+/// Runs the demo: prints the story on stdout and, if it fails, why on
+/// stderr; returns once it is over (at Ctrl-C, or when the steps are done
+/// with `exit_when_done`).
 ///
 /// Sets up logging (to a file in the demo's folder): call it instead of
 /// any other logging set-up.
 pub fn run(options: &DemoOptions) -> Result<(), DemoError> {
-    let folder = Folder::prepare(options.keep.as_deref())?;
+    let folder = match Folder::prepare(options.keep.as_deref()) {
+        Ok(folder) => folder,
+        Err(error) => {
+            eprintln!("{error}");
+            return Err(error);
+        }
+    };
+    let result = run_in(&folder, options);
+    if let Err(error) = &result {
+        warn!(%error, "demo failed");
+        eprintln!("{error}");
+        // What went wrong is worth a look; a demo the user stopped
+        // half-way is not.
+        if !matches!(error, DemoError::Interrupted(_)) {
+            let kept = folder.keep();
+            eprintln!(
+                "デモのフォルダを調査用に残しました / kept the demo folder for a look: {} (log: {})",
+                kept.display(),
+                kept.join(setup::LOG_FILE).display()
+            );
+        }
+    }
+    result
+}
+
+fn run_in(folder: &Folder, options: &DemoOptions) -> Result<(), DemoError> {
     let log_path = folder.path().join(setup::LOG_FILE);
     let log = fs::File::create(&log_path).map_err(|source| DemoError::Folder {
         path: log_path.clone(),
@@ -152,21 +178,6 @@ pub fn run(options: &DemoOptions) -> Result<(), DemoError> {
     if let Err(DemoError::Daemon(DaemonError::Store(StoreError::CommitFailed { .. }))) = &result {
         // Tasks still hold the failed store: see `daemon::run`.
         std::mem::forget(runtime);
-    } else {
-        drop(runtime);
-    }
-    if let Err(error) = &result {
-        warn!(%error, "demo failed");
-        // What went wrong is worth a look; a demo the user stopped
-        // half-way is not.
-        if !matches!(error, DemoError::Interrupted(_)) {
-            let kept = folder.keep();
-            eprintln!(
-                "デモのフォルダを調査用に残しました / kept the demo folder for a look: {} (log: {})",
-                kept.display(),
-                kept.join(setup::LOG_FILE).display()
-            );
-        }
     }
     result
 }
