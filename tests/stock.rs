@@ -375,3 +375,357 @@ async fn summed_stores_reach_the_downstream_as_one_value_and_a_transfer_changes_
     assert!(relay.stop().success());
     sim.stop().await;
 }
+
+/// `stock_send` rows for `pairs` (store, product) with Smaregi's amounts
+/// now, as Smaregi sends them: a notification of new amounts is never
+/// taken for a resend of an earlier one.
+fn rows_now(sim: &Simulator, pairs: &[(&str, &str)]) -> Value {
+    let contract = sim.contract();
+    Value::Array(
+        pairs
+            .iter()
+            .map(|(store, product)| {
+                let stock = &contract.stock[*store][*product];
+                json!({"storeId": store, "productId": product,
+                       "stockAmount": stock.amount.to_string(), "updDateTime": stock.updated})
+            })
+            .collect(),
+    )
+}
+
+/// Runs an operator command against the daemon of `config`; its JSON answer.
+fn operator(config: &Path, args: &[&str]) -> Value {
+    let mut all: Vec<&str> = args.to_vec();
+    all.extend(["--json", "--config", config.to_str().unwrap()]);
+    let (code, stdout, stderr) = common::run_relay(&all, &[]);
+    assert_eq!(code, 0, "{args:?}: {stderr}");
+    serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{args:?}: {e}: {stdout}"))
+}
+
+/// Polls the daemon's outbox until `done` holds of its status; nothing
+/// outside the daemon can be told when a job ends.
+async fn until_outbox(config: &Path, done: impl Fn(&Value) -> bool) -> Value {
+    let deadline = std::time::Instant::now() + common::EVENT_DEADLINE;
+    loop {
+        let status = operator(config, &["status"]);
+        if done(&status["outbox"]) {
+            return status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the outbox never got there: {status:#}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejected_product_waits_for_an_operator_while_the_others_go_on() {
+    let sim = simulator().await;
+    let downstream = Downstream::start().await;
+    let temp = tempfile::tempdir().unwrap();
+    let config = stock_config(temp.path(), &sim, &downstream, "", "");
+    let relay = RunningDaemon::start(temp.path(), &config);
+    let key = |product: &str| ("1".to_owned(), product.to_owned());
+
+    // The EC side does not know 601 and refuses any batch holding it:
+    // the batch with 600 is split, 600 goes through, 601 is refused alone.
+    downstream.reject_product(Some("601"));
+    sim.with_contract(|c| {
+        c.set_stock("1", "600", 8, 1);
+        c.set_stock("1", "601", 5, 1);
+    });
+    notify(&relay, rows_now(&sim, &[("1", "600"), ("1", "601")])).await;
+    until(&downstream, |log| {
+        log.rejected == 2 && log.latest().get(&key("600")) == Some(&8)
+    })
+    .await;
+
+    // Other products go on, and 601's next change is not queued behind.
+    for (round, amount) in [(2, 7), (3, 6)] {
+        sim.with_contract(|c| {
+            c.set_stock("1", "602", amount, round);
+            c.set_stock("1", "601", 6 - round, round);
+        });
+        notify(&relay, rows_now(&sim, &[("1", "602"), ("1", "601")])).await;
+        until(&downstream, |log| {
+            log.latest().get(&key("602")) == Some(&amount)
+        })
+        .await;
+    }
+    let log = downstream.log.borrow().clone();
+    assert_eq!(log.rejected, 2, "601 was not sent again: {log:?}");
+    assert!(!log.values.contains_key(&key("601")));
+
+    // The rejected batch is a parked job of its own, with the answer.
+    let parked = operator(&config, &["outbox", "list", "--state", "parked"]);
+    let parked = parked.as_array().unwrap();
+    assert_eq!(parked.len(), 1, "{parked:?}");
+    assert_eq!(parked[0]["kind"], "stock.push-held");
+    let id = parked[0]["id"].as_u64().unwrap().to_string();
+    let shown = operator(&config, &["outbox", "show", &id]);
+    let reason = shown["last-error"]["message"].as_str().unwrap();
+    assert!(
+        reason.contains("422") && reason.contains("unknown product"),
+        "{reason}"
+    );
+    let status = operator(&config, &["status"]);
+    assert_eq!(status["outbox"]["parked"], 1, "{status:#}");
+
+    // Fixed on the EC side, retried by the operator: 601 arrives with its
+    // value as it is now, never the older one it was rejected with.
+    downstream.reject_product(None);
+    let (code, _, stderr) = common::run_relay(
+        &["outbox", "retry", &id, "--config", config.to_str().unwrap()],
+        &[],
+    );
+    assert_eq!(code, 0, "{stderr}");
+    let log = until(&downstream, |log| log.latest().get(&key("601")) == Some(&3)).await;
+    assert_eq!(log.values[&key("601")].len(), 1, "{log:?}");
+    until_outbox(&config, |outbox| outbox["parked"] == 0).await;
+
+    // Released: its next change goes out with the others. A 200 whose
+    // body is garbage is still the downstream's word that it took it.
+    downstream.answer_garbage();
+    sim.with_contract(|c| c.set_stock("1", "601", 2, 4));
+    notify(&relay, rows_now(&sim, &[("1", "601")])).await;
+    let log = until(&downstream, |log| log.latest().get(&key("601")) == Some(&2)).await;
+    let status = until_outbox(&config, |outbox| outbox["pending"] == 0).await;
+    assert_eq!(status["outbox"]["parked"], 0, "{status:#}");
+    assert_eq!(
+        downstream.log.borrow().batches,
+        log.batches,
+        "not sent again"
+    );
+    assert_eq!(log.bad_signatures, 0);
+    assert!(relay.stop().success());
+    sim.stop().await;
+}
+
+/// Waits until the mirror knows `product` in `store` (read API, whose
+/// token is `STOCK_TOKEN`) and the push its refresh staged has run.
+/// Polls: nothing outside the daemon can be told.
+async fn learned_and_pushed(relay: &RunningDaemon, config: &Path, store: &str, product: &str) {
+    let http = smaregi_sim::sender::http_client(Some(&relay.certificate())).unwrap();
+    let deadline = std::time::Instant::now() + common::EVENT_DEADLINE;
+    loop {
+        let response = http
+            .get(relay.url(&format!(
+                "/api/v1/stock?smaregi_product_id={product}&store_id={store}"
+            )))
+            .bearer_auth(STOCK_TOKEN)
+            .send()
+            .await
+            .unwrap();
+        if response.status() == 200 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{product} never learned"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    // The push is staged with the value: pending until it has run.
+    until_outbox(config, |outbox| outbox["pending"] == 0).await;
+}
+
+/// A sale registered at a store register (terminal 1), not by the relay.
+fn register_sale(sim: &Simulator, tran: &str, product: &str, quantity: i64) {
+    use smaregi_relay::smaregi::sale::{Sale, SaleLine};
+    let sale = Sale {
+        store_id: "1".into(),
+        terminal_id: "1".into(),
+        terminal_tran_id: tran.into(),
+        terminal_tran_date_time: "2026-11-22 10:00:00".into(),
+        lines: vec![SaleLine {
+            product_id: Some(product.into()),
+            product_code: None,
+            product_name: Some(format!("商品 {product}")),
+            sales_price: 100,
+            quantity,
+            returned: false,
+        }],
+        discount: 0,
+        tax_exclude: 0,
+        carriage: 0,
+        commission: 0,
+        customer_id: None,
+        memo: None,
+        dispose_of: None,
+        tax_include: 0,
+        sum_division: 2,
+        payment: None,
+    };
+    let params = sale.transaction_upd_params().to_string();
+    sim.with_contract(|c| c.call("transaction_upd", &params, smaregi_sim::time::now()))
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_delta_mode_our_own_orders_are_not_sent_back_but_register_sales_are() {
+    use common::orders::{order, OrderClient, ORDERS_TOKEN};
+    let sim = simulator().await;
+    let downstream = Downstream::start().await;
+    let temp = tempfile::tempdir().unwrap();
+    common::write_file(temp.path(), "orders-token", ORDERS_TOKEN, 0o600);
+    common::write_file(temp.path(), "stock-token", STOCK_TOKEN, 0o600);
+    let config = stock_config(
+        temp.path(),
+        &sim,
+        &downstream,
+        "api-token = { file = \"stock-token\" }",
+        "mode = \"delta\"\n\n[orders]\napi-token = { file = \"orders-token\" }\n\
+         default-store-id = \"1\"\n",
+    );
+    let relay = RunningDaemon::start(temp.path(), &config);
+    let orders = OrderClient::new(&relay.url(""), &relay.certificate());
+    let key = |product: &str| ("1".to_owned(), product.to_owned());
+    let stock_of = |product: &str| sim.contract().stock["1"][product].amount;
+
+    // The first values the relay learns are where counting starts.
+    sim.with_contract(|c| {
+        c.set_stock("1", "701", 10, 1);
+        c.set_stock("1", "702", 10, 1);
+    });
+    let both = [("1", "701"), ("1", "702")];
+    notify(&relay, rows_now(&sim, &both)).await;
+    learned_and_pushed(&relay, &config, "1", "702").await;
+    assert_eq!(downstream.log.borrow().batches, 0, "nothing to send yet");
+
+    // A sale at the store's register is a change the EC side must hear of.
+    register_sale(&sim, "1", "701", 1);
+    notify(&relay, rows_now(&sim, &both)).await;
+    until(&downstream, |log| log.applied.get(&key("701")) == Some(&-1)).await;
+
+    // An order from the EC side: registered by the relay, Smaregi's stock
+    // goes down by 2 and Smaregi notifies the relay. The EC side counted
+    // that sale itself: no delta. A register sale in the same
+    // notification still goes out.
+    let placed = orders.put(&order("ec-1", 1, &[("701", 100, 2)])).await;
+    assert!(placed.status < 300, "{placed:?}");
+    orders.settled(&["ec-1".to_owned()]).await;
+    assert_eq!(stock_of("701"), 7, "the order moved Smaregi's stock");
+    register_sale(&sim, "2", "702", 3);
+    notify(&relay, rows_now(&sim, &both)).await;
+    let log = until(&downstream, |log| log.applied.get(&key("702")) == Some(&-3)).await;
+    assert_eq!(
+        log.applied[&key("701")],
+        -1,
+        "the order was not sent back: {log:?}"
+    );
+
+    // Cancelled: Smaregi's stock comes back; that is not sent either.
+    let cancelled = orders.delete("ec-1").await;
+    assert!(cancelled.status < 300, "{cancelled:?}");
+    orders.settled(&["ec-1".to_owned()]).await;
+    assert_eq!(stock_of("701"), 9, "the cancel put the stock back");
+    register_sale(&sim, "3", "702", 1);
+    notify(&relay, rows_now(&sim, &both)).await;
+    let log = until(&downstream, |log| log.applied.get(&key("702")) == Some(&-4)).await;
+    assert_eq!(
+        log.applied[&key("701")],
+        -1,
+        "the cancel was not sent back: {log:?}"
+    );
+    assert_eq!(log.values[&key("701")].len(), 1, "{log:?}");
+    assert_eq!((log.bad_signatures, log.duplicates), (0, 0));
+    assert!(relay.stop().success());
+    sim.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_delta_mode_a_transfer_between_summed_stores_sends_nothing() {
+    let sim = simulator().await;
+    let downstream = Downstream::start().await;
+    let temp = tempfile::tempdir().unwrap();
+    common::write_file(temp.path(), "stock-token", STOCK_TOKEN, 0o600);
+    let config = stock_config(
+        temp.path(),
+        &sim,
+        &downstream,
+        "api-token = { file = \"stock-token\" }",
+        "mode = \"delta\"\nsum-stores = [\"1\", \"2\"]\n",
+    );
+    let relay = RunningDaemon::start(temp.path(), &config);
+    let pairs = [("1", "401"), ("2", "401"), ("1", "402")];
+    sim.with_contract(|c| {
+        c.set_stock("1", "401", 10, 1);
+        c.set_stock("2", "401", 5, 1);
+        c.set_stock("1", "402", 3, 1);
+    });
+    notify(&relay, rows_now(&sim, &pairs)).await;
+    learned_and_pushed(&relay, &config, "1", "402").await;
+
+    // 3 of 401 move from the shop to the warehouse while 402 sells one,
+    // in one notification: only 402's change is sent, and sent once
+    // however often the notification comes.
+    sim.with_contract(|c| {
+        c.set_stock("1", "401", 7, 2);
+        c.set_stock("2", "401", 8, 2);
+        c.set_stock("1", "402", 2, 2);
+    });
+    let rows = rows_now(&sim, &pairs);
+    notify(&relay, rows.clone()).await;
+    // The same notification again: Smaregi resends.
+    notify(&relay, rows).await;
+    let summed = |product: &str| ("1+2".to_owned(), product.to_owned());
+    until(&downstream, |log| {
+        log.applied.get(&summed("402")) == Some(&-1)
+    })
+    .await;
+    // Both notifications refreshed and pushed: nothing more arrives.
+    until_outbox(&config, |outbox| outbox["pending"] == 0).await;
+    let log = downstream.log.borrow().clone();
+    assert_eq!(log.applied.get(&summed("402")), Some(&-1), "{log:?}");
+    assert!(!log.values.contains_key(&summed("401")), "{log:?}");
+    assert!(relay.stop().success());
+    sim.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_delta_mode_a_batch_outlives_a_crash_with_its_webhook_id_and_is_applied_once() {
+    let sim = simulator().await;
+    let downstream = Downstream::start().await;
+    let temp = tempfile::tempdir().unwrap();
+    common::write_file(temp.path(), "stock-token", STOCK_TOKEN, 0o600);
+    let config = stock_config(
+        temp.path(),
+        &sim,
+        &downstream,
+        "api-token = { file = \"stock-token\" }",
+        "mode = \"delta\"\n",
+    );
+    let mut relay = RunningDaemon::start(temp.path(), &config);
+    let key = ("1".to_owned(), "801".to_owned());
+    sim.with_contract(|c| c.set_stock("1", "801", 10, 1));
+    notify(&relay, rows_now(&sim, &[("1", "801")])).await;
+    learned_and_pushed(&relay, &config, "1", "801").await;
+
+    // Three sold while the EC side is down; then the relay is killed.
+    downstream.answer(503);
+    sim.with_contract(|c| c.set_stock("1", "801", 7, 2));
+    notify(&relay, rows_now(&sim, &[("1", "801")])).await;
+    let log = until(&downstream, |log| log.refused >= 2).await;
+    let batch_id = log.refused_ids[0].clone();
+    relay.daemon.signal(libc::SIGKILL);
+    relay.daemon.wait();
+
+    // One more sold meanwhile. Back up, the stored batch goes first, as
+    // it was, under its webhook-id; the newer change follows on its own.
+    sim.with_contract(|c| c.set_stock("1", "801", 6, 3));
+    downstream.answer(200);
+    let life = temp.path().join("second-life");
+    std::fs::create_dir(&life).unwrap();
+    let relay = RunningDaemon::ready(common::Daemon::start(&life, &config), &config);
+    let log = until(&downstream, |log| log.applied.get(&key) == Some(&-3)).await;
+    assert!(log.ids.contains(&batch_id), "{log:?}");
+    assert!(log.refused_ids.iter().all(|id| *id == batch_id), "{log:?}");
+    notify(&relay, rows_now(&sim, &[("1", "801")])).await;
+    let log = until(&downstream, |log| log.applied.get(&key) == Some(&-4)).await;
+    let deltas: Vec<_> = log.values[&key].iter().map(|r| r.delta).collect();
+    assert_eq!(deltas, [Some(-3), Some(-1)]);
+    assert_eq!((log.duplicates, log.bad_signatures), (0, 0));
+    assert!(relay.stop().success());
+    sim.stop().await;
+}

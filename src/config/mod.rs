@@ -117,6 +117,13 @@ pub mod defaults {
     pub const ADMIN_LISTEN_ADDRESS: SocketAddr =
         SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 9187);
     pub const CONTROL_SOCKET: &str = "/run/smaregi-relay/control.sock";
+    pub const OPENING_HOURS: &str = "10:00-20:00";
+    pub const QUIET_MINUTES: u64 = 120;
+    pub const CERTIFICATE_WARNING_DAYS: u32 = 14;
+    pub const DISK_FREE_PERCENT: u8 = 10;
+    /// Whatever the percentage: less than this is nearly full.
+    pub const DISK_FREE_BYTES: u64 = 512 * 1024 * 1024;
+    pub const BACKLOG_MINUTES: u64 = 60;
 }
 
 /// The whole configuration. Build it with [`load`] or [`parse`].
@@ -504,6 +511,9 @@ pub struct DownstreamConfig {
     pub batch_size: u32,
     #[serde(default)]
     pub clamp: Clamp,
+    /// Whether the downstream gets absolute values or changes.
+    #[serde(default = "default_downstream_mode")]
+    pub mode: DownstreamMode,
     /// Stores whose stock the downstream gets as one sum per product
     /// (e.g. shop and warehouse behind one online shop); empty: per store.
     #[serde(default)]
@@ -513,6 +523,22 @@ pub struct DownstreamConfig {
     /// A PEM certificate to trust besides the system's roots.
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
+}
+
+/// What a downstream is sent for each product.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DownstreamMode {
+    /// The stock itself: latest wins, a resend is harmless.
+    #[default]
+    Absolute,
+    /// The change since what the downstream acknowledged, for downstreams
+    /// that only accept changes; each change is applied exactly once.
+    Delta,
+}
+
+fn default_downstream_mode() -> DownstreamMode {
+    DownstreamMode::Absolute
 }
 
 /// What range of stock the downstream can hold.
@@ -649,9 +675,24 @@ pub enum PaymentKind {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
 pub struct AdminConfig {
-    /// Metrics, health and the staff status page.
+    /// Metrics, health and the staff status page: plain HTTP on loopback;
+    /// on any other address, HTTPS with the listener's certificate and
+    /// `status-token`.
     pub listen: SocketAddr,
     pub control_socket: PathBuf,
+    /// Required when `listen` is not a loopback address.
+    pub status_token: Option<Secret>,
+    /// The store's opening hours, Japan time, `HH:MM-HH:MM`.
+    pub opening_hours: String,
+    /// During opening hours, this long without a notification is worth a
+    /// warning; 0 turns the check off.
+    pub quiet_minutes: u64,
+    /// Warn this many days before the TLS certificate expires.
+    pub certificate_warning_days: u32,
+    /// Warn when less than this percentage of the disk is free.
+    pub disk_free_percent: u8,
+    /// Warn when a job has waited this long.
+    pub backlog_minutes: u64,
 }
 
 impl Default for AdminConfig {
@@ -659,6 +700,28 @@ impl Default for AdminConfig {
         Self {
             listen: defaults::ADMIN_LISTEN_ADDRESS,
             control_socket: defaults::CONTROL_SOCKET.into(),
+            status_token: None,
+            opening_hours: defaults::OPENING_HOURS.into(),
+            quiet_minutes: defaults::QUIET_MINUTES,
+            certificate_warning_days: defaults::CERTIFICATE_WARNING_DAYS,
+            disk_free_percent: defaults::DISK_FREE_PERCENT,
+            backlog_minutes: defaults::BACKLOG_MINUTES,
+        }
+    }
+}
+
+impl AdminConfig {
+    /// When the facts become problems.
+    pub fn thresholds(&self) -> crate::health::Thresholds {
+        crate::health::Thresholds {
+            certificate_days: i64::from(self.certificate_warning_days),
+            opening_hours: (self.quiet_minutes > 0)
+                .then(|| crate::health::parse_opening_hours(&self.opening_hours).ok())
+                .flatten(),
+            quiet_minutes: self.quiet_minutes,
+            disk_free_fraction: f64::from(self.disk_free_percent) / 100.0,
+            disk_free_bytes: defaults::DISK_FREE_BYTES,
+            backlog_minutes: self.backlog_minutes,
         }
     }
 }
@@ -914,7 +977,14 @@ impl Section for StockConfig {
             .collect()
     }
 }
-impl Section for AdminConfig {}
+impl Section for AdminConfig {
+    fn secrets_mut(&mut self) -> Vec<(&'static [&'static str], &mut Secret)> {
+        self.status_token
+            .iter_mut()
+            .map(|token| (&["admin", "status-token"][..], token))
+            .collect()
+    }
+}
 
 impl Section for IntakeConfig {
     fn secrets_mut(&mut self) -> Vec<(&'static [&'static str], &mut Secret)> {

@@ -366,7 +366,7 @@ fn after_the_story(ran: &Ran, folder: &Path, secrets: &Secrets, exit_when_done: 
     say("");
     match ran.running.admin {
         Some(admin) => say(&format!("状態ページ / status page: http://{admin}/")),
-        None => say("状態ページはこのビルドではまだ使えません / the status page is not available in this build"),
+        None => say("状態ページを開けませんでした（ログを参照）/ the status page could not be opened (see the log)"),
     }
     let socket = ran
         .running

@@ -10,6 +10,10 @@
 //! A cancel is a reversal (打消) registered the same way, or, with
 //! `cancel-strategy = "cancel-flag"`, the original's 取消 flag, which is
 //! harmless to set twice.
+//!
+//! Each registration (or 取消 flag) is recorded with the stock it moved
+//! (an echo, see [`super::ledger`]), exactly once, so that stock
+//! forwarding can tell the relay's own sales from the store's.
 
 use super::api::CallError;
 use super::client::SmaregiClient;
@@ -19,7 +23,7 @@ use tracing::info;
 use super::jobs::{
     CancelPayload, RegisterPayload, CANCEL_KIND, PAYLOAD_VERSION, REGISTER_KIND, UPSTREAM,
 };
-use super::ledger::{Ledger, LedgerError};
+use super::ledger::{Echo, Ledger, LedgerError};
 use super::sale::Sale;
 use crate::config::CancelStrategy;
 use crate::outbox::engine::{AttemptOutcome, BoxFuture, EngineBuilder, Executor};
@@ -112,7 +116,12 @@ impl TransactionExecutor {
     async fn registered(&self, sale: &Sale, id: u64) -> AttemptOutcome {
         match self
             .ledger
-            .record_registered(&sale.terminal_id, &sale.terminal_tran_id, id)
+            .record_registered(
+                &sale.terminal_id,
+                &sale.terminal_tran_id,
+                id,
+                &echo_of(sale),
+            )
             .await
         {
             Ok(()) => AttemptOutcome::Success,
@@ -159,8 +168,14 @@ impl TransactionExecutor {
         };
         match self.client.find_registered(&probe).await {
             Ok(Some(id)) => {
+                // The probe carries the reversal's lines: the original
+                // moved stock the other way.
+                let mut echo = echo_of(&probe);
+                for (_, change) in &mut echo.moves {
+                    *change = -*change;
+                }
                 self.ledger
-                    .record_registered(terminal, original, id)
+                    .record_registered(terminal, original, id, &echo)
                     .await
                     .map_err(store_failed)?;
                 Ok(Some(id))
@@ -175,12 +190,32 @@ impl TransactionExecutor {
     async fn cancel_found(&self, mut reversal: Sale, original_id: u64) -> AttemptOutcome {
         if self.cancel_strategy == CancelStrategy::CancelFlag {
             return match self.client.cancel_flag(original_id).await {
-                Ok(()) => AttemptOutcome::Success,
+                // The flag puts back what the original took: what the
+                // reversal would have moved.
+                Ok(()) => match self
+                    .ledger
+                    .record_cancel_flagged(
+                        &reversal.terminal_id,
+                        &reversal.terminal_tran_id,
+                        &echo_of(&reversal),
+                    )
+                    .await
+                {
+                    Ok(()) => AttemptOutcome::Success,
+                    Err(e) => store_failed(e),
+                },
                 Err(e) => e.outcome(false),
             };
         }
         reversal.dispose_of = Some(original_id);
         self.deliver(&reversal).await
+    }
+}
+
+fn echo_of(sale: &Sale) -> Echo {
+    Echo {
+        store_id: sale.store_id.clone(),
+        moves: sale.stock_moves(),
     }
 }
 

@@ -6,6 +6,8 @@
 //! | `T` terminal | next number | the per-terminal counter behind `terminalTranId` |
 //! | `S` terminal `␀` terminalTranId | — | a send was started: its outcome may be unknown |
 //! | `R` terminal `␀` terminalTranId | transactionHeadId | registered, with Smaregi's id |
+//! | `F` terminal `␀` terminalTranId | — | a cancel by 取消 flag (its reversal's id) was done |
+//! | `E` terminal `␀` terminalTranId | [`Echo`] | the stock that registration moved, not yet taken into account by stock forwarding |
 //!
 //! A `terminalTranId` is taken from the counter in the same transaction
 //! that creates its job, so it is fixed before anything is sent and never
@@ -13,6 +15,17 @@
 //! crash or unknown outcome, the next attempt looks the transaction up in
 //! Smaregi before it sends again. `R` records let a cancel refer to its
 //! original.
+//!
+//! Echoes: a registration moves Smaregi's stock, and stock forwarding
+//! hears of it like of any other change. A downstream that is sent
+//! changes (delta mode) already counted the sale it ordered, so the
+//! stock module must not send it back. The `E` record of what a
+//! registration (or a cancel) moved is written in the same transaction
+//! as its `R` (or `F`) record, and only when that record is new: one echo
+//! per registration, however often a job is attempted or the daemon
+//! crashes. The stock module consumes each `E` record in the transaction
+//! that takes it into account (`crate::stock::book`); this module never
+//! reads them back.
 
 use sled::transaction::{
     ConflictableTransactionError, ConflictableTransactionResult, TransactionalTree,
@@ -26,6 +39,18 @@ pub const SMAREGI: TreeName = TreeName::new("smaregi");
 const COUNTER: u8 = b'T';
 const SENDING: u8 = b'S';
 const REGISTERED: u8 = b'R';
+const CANCEL_FLAGGED: u8 = b'F';
+/// The prefix of pending echo records.
+pub const ECHO: u8 = b'E';
+
+/// The stock a registration (or cancel) moved in one store: per product,
+/// the change (negative for a sale).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Echo {
+    pub store_id: String,
+    pub moves: Vec<(String, i64)>,
+}
 
 /// `terminalTranId`s are at most 10 characters: decimal numbers below this.
 pub const MAX_TERMINAL_TRAN_NUMBER: u64 = 9_999_999_999;
@@ -115,16 +140,65 @@ impl Ledger {
             .transpose()
     }
 
-    /// Records a registration and commits it.
+    /// Records a registration, and the stock it moved (`echo`) if it is
+    /// new, in one transaction, and commits it.
     pub async fn record_registered(
         &self,
         terminal: &str,
         terminal_tran_id: &str,
         transaction_head_id: u64,
+        echo: &Echo,
     ) -> Result<(), LedgerError> {
         let key = record(REGISTERED, terminal, terminal_tran_id);
-        self.store
-            .check(self.tree.insert(key, &u64_key(transaction_head_id)))?;
+        self.record_once(
+            key,
+            &u64_key(transaction_head_id),
+            terminal,
+            terminal_tran_id,
+            echo,
+        )
+        .await
+    }
+
+    /// Records that the cancel whose reversal would have been
+    /// `terminal_tran_id` was done by the 取消 flag, with the stock it put
+    /// back, once; commits it.
+    pub async fn record_cancel_flagged(
+        &self,
+        terminal: &str,
+        terminal_tran_id: &str,
+        echo: &Echo,
+    ) -> Result<(), LedgerError> {
+        let key = record(CANCEL_FLAGGED, terminal, terminal_tran_id);
+        self.record_once(key, &[], terminal, terminal_tran_id, echo)
+            .await
+    }
+
+    async fn record_once(
+        &self,
+        key: Vec<u8>,
+        value: &[u8],
+        terminal: &str,
+        terminal_tran_id: &str,
+        echo: &Echo,
+    ) -> Result<(), LedgerError> {
+        let echo_value = serde_json::to_vec(echo).expect("an echo serialises");
+        let result = self.tree.transaction(|tx| {
+            if tx.get(&key)?.is_none() {
+                tx.insert(key.clone(), value)?;
+                if !echo.moves.is_empty() {
+                    tx.insert(record(ECHO, terminal, terminal_tran_id), echo_value.clone())?;
+                }
+            }
+            Ok::<_, ConflictableTransactionError<LedgerError>>(())
+        });
+        match result {
+            Ok(()) => {}
+            Err(sled::transaction::TransactionError::Abort(e)) => return Err(e),
+            Err(sled::transaction::TransactionError::Storage(e)) => {
+                return Err(self.store.check::<()>(Err(e)).unwrap_err().into())
+            }
+        }
         self.store.commit().await?;
         Ok(())
     }

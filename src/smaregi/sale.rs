@@ -128,6 +128,29 @@ impl Sale {
         }
     }
 
+    /// How registering it moves Smaregi's stock of its store: per product,
+    /// the summed change (a sold line takes stock, a returned line puts it
+    /// back; a line without a 商品ID moves nothing). Products in id order,
+    /// without zero changes.
+    pub fn stock_moves(&self) -> Vec<(String, i64)> {
+        let mut moves = std::collections::BTreeMap::<String, i64>::new();
+        for line in &self.lines {
+            let Some(product) = &line.product_id else {
+                continue;
+            };
+            let change = if line.returned {
+                line.quantity
+            } else {
+                -line.quantity
+            };
+            *moves.entry(product.clone()).or_default() += change;
+        }
+        moves
+            .into_iter()
+            .filter(|(_, change)| *change != 0)
+            .collect()
+    }
+
     /// The `params` of `transaction_upd` that registers it.
     pub fn transaction_upd_params(&self) -> Value {
         let mut head = Map::new();
@@ -218,6 +241,51 @@ impl Sale {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn stock_moves_sum_per_product_and_a_reversal_undoes_them() {
+        let line = |product: Option<&str>, quantity: i64, returned: bool| SaleLine {
+            product_id: product.map(str::to_owned),
+            product_code: None,
+            product_name: None,
+            sales_price: 100,
+            quantity,
+            returned,
+        };
+        let sale = Sale {
+            store_id: "1".into(),
+            terminal_id: "9".into(),
+            terminal_tran_id: "1".into(),
+            terminal_tran_date_time: "2026-11-22 10:00:00".into(),
+            lines: vec![
+                line(Some("113"), 2, false),
+                line(Some("114"), 1, false),
+                line(Some("113"), 1, false),
+                line(None, 5, false),
+                line(Some("115"), 1, true),
+                line(Some("116"), 1, false),
+                line(Some("116"), 1, true),
+            ],
+            discount: 0,
+            tax_exclude: 0,
+            carriage: 0,
+            commission: 0,
+            customer_id: None,
+            memo: None,
+            dispose_of: None,
+            tax_include: 0,
+            sum_division: 2,
+            payment: None,
+        };
+        let moves = sale.stock_moves();
+        assert_eq!(
+            moves,
+            [("113".into(), -3), ("114".into(), -1), ("115".into(), 1)]
+        );
+        let back = sale.reversal("2", "2026-11-22 11:00:00").stock_moves();
+        let undone: Vec<(String, i64)> = moves.into_iter().map(|(p, c)| (p, -c)).collect();
+        assert_eq!(back, undone);
+    }
+
     use super::*;
 
     pub fn sample() -> Sale {

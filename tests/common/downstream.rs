@@ -1,10 +1,12 @@
 //! A test downstream: the store's EC side receiving stock batches. It
-//! checks every signature and records what it got, in order.
+//! checks every signature and records what it got, in order. Like a
+//! careful receiver, it applies a webhook-id once: a resend of a batch it
+//! took counts as a duplicate, not as more changes.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU16, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -25,6 +27,8 @@ pub const DOWNSTREAM_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Received {
     pub stock: i64,
+    /// Delta mode: the change.
+    pub delta: Option<i64>,
     pub updated_at: Option<String>,
     pub external_code: Option<String>,
 }
@@ -37,6 +41,16 @@ pub struct Log {
     pub batches: usize,
     pub bad_signatures: usize,
     pub refused: usize,
+    /// Batches refused because they held the rejected product.
+    pub rejected: usize,
+    /// Batches whose webhook-id had been taken before: not applied again.
+    pub duplicates: usize,
+    /// The webhook-id of every batch refused with the status set by `answer`.
+    pub refused_ids: Vec<String>,
+    /// Every webhook-id taken.
+    pub ids: BTreeSet<String>,
+    /// Delta mode: the sum of the changes applied, per product.
+    pub applied: BTreeMap<(String, String), i64>,
 }
 
 impl Log {
@@ -54,6 +68,10 @@ pub struct Downstream {
     pub log: watch::Receiver<Log>,
     /// The status it answers with: 200 normally.
     status: Arc<AtomicU16>,
+    /// A product whose batches are refused with 422.
+    reject: Arc<Mutex<Option<String>>>,
+    /// Whether a 200 comes with a body that is not JSON.
+    garbage: Arc<AtomicBool>,
 }
 
 impl Downstream {
@@ -65,6 +83,10 @@ impl Downstream {
         let status = Arc::new(AtomicU16::new(200));
         let key = sign::key_of(DOWNSTREAM_SECRET);
         let answer_status = Arc::clone(&status);
+        let reject = Arc::new(Mutex::new(None::<String>));
+        let rejecting = Arc::clone(&reject);
+        let garbage = Arc::new(AtomicBool::new(false));
+        let garbling = Arc::clone(&garbage);
         tokio::spawn(async move {
             loop {
                 let Ok((tcp, _)) = listener.accept().await else {
@@ -72,12 +94,16 @@ impl Downstream {
                 };
                 let log_tx = Arc::clone(&log_tx);
                 let status = Arc::clone(&answer_status);
+                let rejecting = Arc::clone(&rejecting);
+                let garbling = Arc::clone(&garbling);
                 let key = key.clone();
                 tokio::spawn(async move {
                     let service =
                         service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
                             let log_tx = Arc::clone(&log_tx);
                             let status = Arc::clone(&status);
+                            let rejecting = Arc::clone(&rejecting);
+                            let garbling = Arc::clone(&garbling);
                             let key = key.clone();
                             async move {
                                 let header = |name: &str| {
@@ -94,28 +120,51 @@ impl Downstream {
                                     header("webhook-signature"),
                                 );
                                 let body = request.into_body().collect().await.unwrap().to_bytes();
-                                let answer = status.load(Ordering::SeqCst);
+                                let mut answer = status.load(Ordering::SeqCst);
                                 let valid = timestamp
                                     .parse()
                                     .is_ok_and(|ts| sign::verify(&key, &id, ts, &body, &signature));
+                                let json: Value = serde_json::from_slice(&body).unwrap_or_default();
+                                let rejected =
+                                    rejecting.lock().unwrap().clone().is_some_and(|p| {
+                                        json["stock"].as_array().into_iter().flatten().any(|item| {
+                                            item["smaregi_product_id"].as_str() == Some(&p)
+                                        })
+                                    });
+                                if answer == 200 && rejected {
+                                    answer = 422;
+                                }
                                 log_tx.send_modify(|log| {
                                     if !valid {
                                         log.bad_signatures += 1;
                                         return;
                                     }
+                                    if rejected {
+                                        log.rejected += 1;
+                                        return;
+                                    }
                                     if answer != 200 {
                                         log.refused += 1;
+                                        log.refused_ids.push(id.clone());
+                                        return;
+                                    }
+                                    if !log.ids.insert(id.clone()) {
+                                        log.duplicates += 1;
                                         return;
                                     }
                                     log.batches += 1;
-                                    let json: Value = serde_json::from_slice(&body).unwrap();
                                     for item in json["stock"].as_array().unwrap() {
                                         let key = (
                                             item["store_id"].as_str().unwrap().to_owned(),
                                             item["smaregi_product_id"].as_str().unwrap().to_owned(),
                                         );
+                                        let delta = item["delta"].as_i64();
+                                        if let Some(delta) = delta {
+                                            *log.applied.entry(key.clone()).or_default() += delta;
+                                        }
                                         log.values.entry(key).or_default().push(Received {
                                             stock: item["stock"].as_i64().unwrap(),
+                                            delta,
                                             updated_at: item["updated_at"]
                                                 .as_str()
                                                 .map(str::to_owned),
@@ -126,10 +175,17 @@ impl Downstream {
                                     }
                                 });
                                 let status = if valid { answer } else { 401 };
+                                let body = if status == 422 {
+                                    Bytes::from_static(b"{\"error\": \"unknown product\"}")
+                                } else if garbling.load(Ordering::SeqCst) {
+                                    Bytes::from_static(b"<html>\xff\xfe oops")
+                                } else {
+                                    Bytes::from_static(b"{}")
+                                };
                                 Ok::<_, std::convert::Infallible>(
                                     hyper::Response::builder()
                                         .status(status)
-                                        .body(Full::new(Bytes::from_static(b"{}")))
+                                        .body(Full::new(body))
                                         .unwrap(),
                                 )
                             }
@@ -144,11 +200,23 @@ impl Downstream {
             address,
             log,
             status,
+            reject,
+            garbage,
         }
     }
 
     pub fn url(&self) -> String {
         format!("http://{}/stock", self.address)
+    }
+
+    /// Refuses, with 422, every batch that holds `product` (`None`: none).
+    pub fn reject_product(&self, product: Option<&str>) {
+        *self.reject.lock().unwrap() = product.map(str::to_owned);
+    }
+
+    /// Answers 200 with a body that is not JSON (nor UTF-8) from now on.
+    pub fn answer_garbage(&self) {
+        self.garbage.store(true, Ordering::SeqCst);
     }
 
     /// Answers every batch with `status` from now on.
