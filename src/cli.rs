@@ -20,6 +20,15 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Try the relay out: a simulated Smaregi, the daemon and a demo EC site in one process.
+    ///
+    /// Runs a scripted story in a temporary state directory (mapping CSV,
+    /// stock notifications, orders edited and cancelled, a Smaregi outage),
+    /// prints each step as it is confirmed, then keeps the daemon running
+    /// until Ctrl-C. Needs no config and touches nothing outside its
+    /// directory. Exits 0 when every step was confirmed, 70 when one was
+    /// not within its deadline, 130 when interrupted before the end.
+    Demo(DemoArgs),
     /// Run the daemon in the foreground (what systemd starts).
     Run(ConfigArgs),
     /// Check a configuration file: print `ok`, or every problem as PATH:LINE:COL: message.
@@ -167,6 +176,18 @@ pub enum MappingCommand {
         #[arg(long, short, value_name = "PATH")]
         config: Option<PathBuf>,
     },
+}
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Stop the daemon and exit once the scripted steps are done, instead
+    /// of waiting for Ctrl-C (for scripts and tests).
+    #[arg(long)]
+    pub exit_when_done: bool,
+    /// Keep the state directory (config, database, log) in DIR, which must
+    /// be empty or not exist, instead of a temporary one removed at exit.
+    #[arg(long, value_name = "DIR")]
+    pub keep: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

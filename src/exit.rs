@@ -30,3 +30,5 @@ pub const USAGE: u8 = 64;
 pub const UNAVAILABLE: u8 = 69;
 /// Not allowed to talk to the daemon: not root, not in its group (`EX_NOPERM`).
 pub const NO_PERMISSION: u8 = 77;
+/// Stopped by Ctrl-C (SIGINT) or SIGTERM before finishing, as shells report it (128 + SIGINT).
+pub const INTERRUPTED: u8 = 130;

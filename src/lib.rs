@@ -26,6 +26,7 @@
 //! | [`watchdog`] | the systemd watchdog: a registry of vital loops; fed only while every one of them beats |
 //! | [`admin`] | the admin listener (metrics, health, the staff status page) and the monitor that logs and reports problems |
 //! | [`daemon`] | wiring, start-up order, sd_notify, the shutdown token and drain deadline |
+//! | [`demo`] | `smaregi-relay demo`: the simulator, the daemon and a demo EC site in one process, and the scripted story a new user watches |
 //! | [`cli`] | the command-line definition shared by the binary and the generated man pages and completions |
 //! | [`exit`] | the process exit codes that scripts and systemd rely on |
 
@@ -34,6 +35,7 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod demo;
 pub mod exit;
 pub mod health;
 pub mod intake;

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use smaregi_relay::cli::{Cli, Command, MappingCommand};
-use smaregi_relay::{cli, config, control, daemon, exit, mapping, telemetry};
+use smaregi_relay::{cli, config, control, daemon, demo, exit, mapping, telemetry};
 
 fn main() -> ExitCode {
     let code = match Cli::parse().command {
@@ -15,6 +15,11 @@ fn main() -> ExitCode {
                 telemetry::report_fatal(&error);
                 error.exit_code()
             }
+        },
+        // The demo has printed what went wrong, if anything.
+        Command::Demo(args) => match demo::run(&(&args).into()) {
+            Ok(()) => exit::OK,
+            Err(error) => error.exit_code(),
         },
         Command::GenerateDocs { out } => match cli::generate_docs(&out) {
             Ok(()) => exit::OK,

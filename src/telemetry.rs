@@ -3,8 +3,9 @@
 //! Under systemd, stderr is connected to the journal and `JOURNAL_STREAM`
 //! names that connection: then events go to journald natively, with their
 //! fields as journal fields and their level as priority. Otherwise they go
-//! to stderr as human-readable lines. The level comes from the config;
-//! `RUST_LOG` overrides it.
+//! to stderr as human-readable lines; under `demo`, whose terminal is the
+//! demo's, to a file. The level comes from the config; `RUST_LOG`
+//! overrides it.
 //!
 //! This module must never log secrets; it formats what callers give it.
 
@@ -37,20 +38,24 @@ pub enum LogTarget {
     Stderr,
 }
 
-/// Installs the global logger with `level` as the default filter.
-pub fn init(level: &str) -> Result<LogTarget, TelemetryError> {
-    let filter = match std::env::var("RUST_LOG") {
+/// `level` as a filter, unless `RUST_LOG` overrides it.
+fn filter(level: &str) -> Result<EnvFilter, TelemetryError> {
+    match std::env::var("RUST_LOG") {
         Ok(env) if !env.trim().is_empty() => EnvFilter::builder()
             .parse(&env)
-            .map_err(|e| TelemetryError::BadEnvFilter(e.to_string()))?,
+            .map_err(|e| TelemetryError::BadEnvFilter(e.to_string())),
         _ => EnvFilter::builder()
             .parse(level)
             .map_err(|e| TelemetryError::BadLevel {
                 level: level.to_owned(),
                 reason: e.to_string(),
-            })?,
-    };
-    let registry = tracing_subscriber::registry().with(filter);
+            }),
+    }
+}
+
+/// Installs the global logger with `level` as the default filter.
+pub fn init(level: &str) -> Result<LogTarget, TelemetryError> {
+    let registry = tracing_subscriber::registry().with(filter(level)?);
     if stderr_is_journal() {
         match tracing_journald::layer() {
             Ok(layer) => {
@@ -75,6 +80,21 @@ pub fn init(level: &str) -> Result<LogTarget, TelemetryError> {
         )
         .try_init()
         .map(|()| LogTarget::Stderr)
+        .map_err(|_| TelemetryError::AlreadyInstalled)
+}
+
+/// Installs the global logger writing human-readable lines to `file`,
+/// with `level` as the default filter: for `demo`, whose terminal shows
+/// the demo's own steps.
+pub fn init_file(level: &str, file: std::fs::File) -> Result<(), TelemetryError> {
+    tracing_subscriber::registry()
+        .with(filter(level)?)
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_ansi(false)
+                .with_writer(std::sync::Mutex::new(file)),
+        )
+        .try_init()
         .map_err(|_| TelemetryError::AlreadyInstalled)
 }
 
