@@ -21,11 +21,13 @@
 //! | [`tls`] | rustls client configuration for outgoing calls |
 //! | [`telemetry`] | tracing set-up: journald under systemd, human-readable stderr otherwise |
 //! | [`control`] | the control socket: protocol, the daemon's server, the operator commands' client |
+//! | [`alerts`] | alert digests: which changes to the set of active problems to tell, when, and their delivery by webhook and e-mail |
 //! | [`watchdog`] | the systemd watchdog: a registry of vital loops; fed only while every one of them beats |
 //! | [`daemon`] | wiring, start-up order, sd_notify, the shutdown token and drain deadline |
 //! | [`cli`] | the command-line definition shared by the binary and the generated man pages and completions |
 //! | [`exit`] | the process exit codes that scripts and systemd rely on |
 
+pub mod alerts;
 pub mod cli;
 pub mod config;
 pub mod control;
