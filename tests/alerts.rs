@@ -15,7 +15,7 @@ use smaregi_relay::alerts::{
     self, Alert, AlertsError, Digest, DigestPolicy, EmailNotifier, Notifier, Severity,
     WebhookNotifier,
 };
-use smaregi_relay::config::{self, Config};
+use smaregi_relay::config::{self, Config, SmtpTls};
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -229,6 +229,37 @@ async fn a_digest_is_mailed_over_implicit_tls_after_logging_in() {
         mail.raw
     );
     assert!(!mail.raw.contains(SMTP_PASSWORD));
+}
+
+#[tokio::test]
+async fn with_starttls_the_digest_is_mailed_after_the_upgrade() {
+    let temp = tempfile::tempdir().unwrap();
+    let mut smtp =
+        SmtpServer::start_with(temp.path(), Some((SMTP_USERNAME, SMTP_PASSWORD)), true).await;
+    let mut config = load_config(temp.path(), None, Some(&smtp), WEBHOOK_SECRET);
+    config.alerts.email.as_mut().unwrap().tls = SmtpTls::Starttls;
+    let notifier = EmailNotifier::new(config.alerts.email.as_ref().unwrap(), HOST).unwrap();
+    notifier
+        .send(&digest(vec![], vec![csv_rejected()], vec![]))
+        .await
+        .unwrap();
+    let log = smtp.wait_for(|log| log.mails.len() == 1).await;
+    assert_eq!(
+        log.mails[0].subject,
+        "[smaregi-relay] 解決 1件 / 1 problem resolved"
+    );
+    assert!(log.mails[0].login.is_some());
+
+    // Implicit TLS against a server that expects STARTTLS fails: no
+    // falling back to anything else.
+    config.alerts.email.as_mut().unwrap().tls = SmtpTls::Wrapper;
+    let wrapper = EmailNotifier::new(config.alerts.email.as_ref().unwrap(), HOST).unwrap();
+    let error = wrapper
+        .send(&digest(vec![paused()], vec![], vec![]))
+        .await
+        .unwrap_err();
+    assert!(matches!(error, AlertsError::Smtp(_)), "{error}");
+    assert_eq!(smtp.log.borrow().mails.len(), 1);
 }
 
 #[tokio::test]

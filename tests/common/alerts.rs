@@ -2,10 +2,10 @@
 //! certificate that the notifiers trust through `ca-file`:
 //! - [`WebhookReceiver`]: HTTPS, checks every Standard Webhooks signature
 //!   and records the JSON bodies;
-//! - [`SmtpServer`]: a small SMTP server speaking implicit TLS (220
-//!   greeting, EHLO, AUTH PLAIN when it has credentials, MAIL FROM, RCPT
-//!   TO, DATA, QUIT) that records each message with its subject and body
-//!   decoded.
+//! - [`SmtpServer`]: a small SMTP server speaking implicit TLS, or
+//!   STARTTLS (220 greeting, EHLO, AUTH PLAIN when it has credentials,
+//!   MAIL FROM, RCPT TO, DATA, QUIT), that records each message with its
+//!   subject and body decoded.
 //!
 //! Either can be switched down: it then closes every connection at once,
 //! before the TLS handshake, and counts it.
@@ -216,6 +216,12 @@ pub struct SmtpServer {
 impl SmtpServer {
     /// With `credentials`, it offers AUTH PLAIN and takes mail only after it.
     pub async fn start(dir: &Path, credentials: Option<(&str, &str)>) -> Self {
+        Self::start_with(dir, credentials, false).await
+    }
+
+    /// With `starttls`, the connection starts in plain text and offers
+    /// only STARTTLS until it is upgraded (RFC 3207).
+    pub async fn start_with(dir: &Path, credentials: Option<(&str, &str)>, starttls: bool) -> Self {
         let (acceptor, certificate) = tls_acceptor(dir, "smtp");
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
@@ -237,10 +243,14 @@ impl SmtpServer {
                 let (acceptor, log_tx, credentials) =
                     (acceptor.clone(), Arc::clone(&log_tx), credentials.clone());
                 tokio::spawn(async move {
+                    let mut tcp = tcp;
+                    if starttls && plain_prelude(&mut tcp).await.is_err() {
+                        return;
+                    }
                     let Ok(tls) = acceptor.accept(tcp).await else {
                         return;
                     };
-                    let _ = smtp_session(tls, credentials, &log_tx).await;
+                    let _ = smtp_session(tls, credentials, !starttls, &log_tx).await;
                 });
             }
         });
@@ -261,9 +271,37 @@ impl SmtpServer {
     }
 }
 
+/// The plain-text start of a STARTTLS connection: greeting, EHLO, and
+/// STARTTLS, after which the caller starts TLS. Read byte by byte, so that
+/// nothing of the TLS handshake is read here.
+async fn plain_prelude(tcp: &mut tokio::net::TcpStream) -> std::io::Result<()> {
+    use tokio::io::AsyncReadExt;
+    tcp.write_all(b"220 localhost ESMTP alerts-test\r\n")
+        .await?;
+    loop {
+        let mut line = Vec::new();
+        while !line.ends_with(b"\r\n") {
+            line.push(tcp.read_u8().await?);
+        }
+        let upper = String::from_utf8_lossy(&line)
+            .trim_end()
+            .to_ascii_uppercase();
+        if upper.starts_with("EHLO") || upper.starts_with("HELO") {
+            tcp.write_all(b"250-localhost\r\n250 STARTTLS\r\n").await?;
+        } else if upper == "STARTTLS" {
+            tcp.write_all(b"220 2.0.0 Ready to start TLS\r\n").await?;
+            return Ok(());
+        } else {
+            tcp.write_all(b"530 5.7.0 Must issue a STARTTLS command first\r\n")
+                .await?;
+        }
+    }
+}
+
 async fn smtp_session<S>(
     stream: S,
     credentials: Option<(String, String)>,
+    greet: bool,
     log: &watch::Sender<SmtpLog>,
 ) -> std::io::Result<()>
 where
@@ -275,7 +313,9 @@ where
         write.write_all(text.as_bytes()).await?;
         write.flush().await
     };
-    reply("220 localhost ESMTP alerts-test\r\n").await?;
+    if greet {
+        reply("220 localhost ESMTP alerts-test\r\n").await?;
+    }
     let mut login: Option<(String, String)> = None;
     let mut from = String::new();
     let mut to = Vec::new();
