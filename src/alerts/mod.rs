@@ -16,6 +16,18 @@
 //!
 //! Each notifier keeps its own digest state, so a webhook that is down does
 //! not cause repeated e-mails, nor the other way round.
+//!
+//! Wiring, in the daemon:
+//!
+//! ```ignore
+//! let (active_tx, active_rx) = tokio::sync::watch::channel(Vec::new());
+//! // A bad CA file is a config error: refuse to start.
+//! let notifier = alerts::Notifier::from_config(&config.alerts, &alerts::host_name())?;
+//! let policy = alerts::DigestPolicy::from_config(&config.alerts);
+//! tokio::spawn(alerts::run(active_rx, notifier, policy, shutdown.clone()));
+//! // The health assessment then calls `active_tx.send_replace(problems)`
+//! // after each assessment, with every problem active at that moment.
+//! ```
 
 pub mod digest;
 pub mod email;

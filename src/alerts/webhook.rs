@@ -29,8 +29,10 @@ pub struct WebhookNotifier {
 
 impl fmt::Debug for WebhookNotifier {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The host only: some services put a token in the URL's path.
+        let host = self.url.split('/').nth(2).unwrap_or_default();
         f.debug_struct("WebhookNotifier")
-            .field("url", &self.url)
+            .field("url_host", &host)
             .field("host", &self.host)
             .finish_non_exhaustive()
     }
@@ -110,6 +112,8 @@ impl WebhookNotifier {
             .send()
             .await
             .map_err(|e| {
+                // Some services put a token in the URL's path; errors are logged.
+                let e = e.without_url();
                 if e.is_timeout() {
                     AlertsError::WebhookTimeout(e)
                 } else {
