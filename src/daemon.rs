@@ -26,12 +26,15 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
+use crate::admin::server::AdminListener;
+use crate::admin::{self, Journal, Observed};
 use crate::config::{self, Config, ConfigError, LoadedConfig};
 use crate::control;
+use crate::health::{Light, Problem};
 use crate::intake::cert::{
     self, CertError, CertificateFiles, CertificateResolver, Reload, Reloader,
 };
-use crate::intake::server::{self, Services};
+use crate::intake::server::{self, IntakeStats, Services};
 use crate::mapping::{self, Catalog, MappingError, MappingStore};
 use crate::orders::{self, build::BuildSettings, OrderApi, OrderBook};
 use crate::outbox::engine::{Engine, EngineBuilder, EngineError};
@@ -172,6 +175,7 @@ pub async fn serve(
     let tasks = TaskTracker::new();
     // The listener tells the inbox processor of each new notification.
     let accepted = Arc::new(Notify::new());
+    let intake_stats = Arc::new(IntakeStats::default());
     let started = async {
         let mapping = {
             let (store, fallback) = (store.clone(), config.mapping.fallback);
@@ -202,11 +206,12 @@ pub async fn serve(
                 ))
             }),
             accepted: Arc::clone(&accepted),
+            stats: Arc::clone(&intake_stats),
         };
         let listener = intake_listener(&store, &config, services).await?;
         Ok::<_, DaemonError>((engine, stock, orders, listener, mapping))
     };
-    let (engine, stock, orders, (listener, reloader), mapping) = match started.await {
+    let (engine, stock, orders, (listener, reloader, certificate), mapping) = match started.await {
         Ok(started) => started,
         Err(error) => {
             store.close().await?;
@@ -220,6 +225,31 @@ pub async fn serve(
             source,
         })?;
     let status = StatusLine::new(address, reloader.fingerprint());
+    let importer = mapping::import::Importer::new(
+        mapping.clone(),
+        mapping::check::Rules::from_config(&config.mapping),
+        mapping::import::Folders::new(&config.drop_directory()),
+    );
+    let observed = Arc::new(Observed {
+        engine: engine.clone(),
+        store: store.clone(),
+        mapping: mapping.clone(),
+        intake: intake_stats,
+        certificate: Arc::clone(&certificate),
+        last_import: importer.last_import(),
+        started: std::time::Instant::now(),
+        listening: format!("listening on {address}"),
+        thresholds: config.admin.thresholds(),
+        journal: Journal::default(),
+    });
+    let admin = admin_listener(&config, &certificate, Arc::clone(&observed)).await;
+    let admin_address = admin.as_ref().and_then(|a| a.local_addr().ok());
+    if let Some(admin_address) = admin_address {
+        status.set_admin(
+            admin_address,
+            config.admin.status_token.is_some() && !admin_address.ip().is_loopback(),
+        );
+    }
     // The vital loops register here; the drop-folder watcher registers the
     // same way. Without WatchdogSec= their heartbeats are never checked.
     let watchdog_interval = watchdog::interval_from_systemd();
@@ -228,6 +258,22 @@ pub async fn serve(
         listener,
         shutdown.clone(),
         liveness.register("intake accept loop"),
+    ));
+    if let Some(admin) = admin {
+        tasks.spawn(admin.serve(shutdown.clone()));
+    }
+    let (problems, _) = tokio::sync::watch::channel(Vec::new());
+    tasks.spawn(admin::monitor::run(
+        Arc::clone(&observed),
+        problems,
+        {
+            let status = status.clone();
+            move |light, problems| {
+                status.set_health(health_summary(light, problems));
+                notify(&[("STATUS", &status.line())]);
+            }
+        },
+        shutdown.clone(),
     ));
     tasks.spawn(refresh_status(
         engine.clone(),
@@ -276,8 +322,7 @@ pub async fn serve(
             let control = Arc::new(control::server::Control {
                 engine: engine.clone(),
                 mapping: mapping.clone(),
-                started: std::time::Instant::now(),
-                listening: status.line(),
+                observed: Arc::clone(&observed),
             });
             info!(path = %control_path.display(), "control socket ready");
             tasks.spawn(control::server::serve(
@@ -306,11 +351,7 @@ pub async fn serve(
         ));
     }
     tasks.spawn(mapping::watch::run(
-        mapping::import::Importer::new(
-            mapping,
-            mapping::check::Rules::from_config(&config.mapping),
-            mapping::import::Folders::new(&config.drop_directory()),
-        ),
+        importer,
         mapping::watch::WatchOptions::from_config(&config.mapping),
         liveness.register("drop-folder watcher"),
         shutdown.clone(),
@@ -331,7 +372,7 @@ pub async fn serve(
             intake: address,
             fingerprint: status.fingerprint(),
             control_socket,
-            admin: None,
+            admin: admin_address,
         });
     }
 
@@ -369,12 +410,13 @@ pub async fn serve(
     Ok(())
 }
 
-/// The TLS listener, bound, and the reloader of its certificate.
+/// The TLS listener, bound, the reloader of its certificate and the
+/// certificate it serves.
 async fn intake_listener(
     store: &Store,
     config: &Config,
     services: Services,
-) -> Result<(server::Listener, Reloader), DaemonError> {
+) -> Result<(server::Listener, Reloader, Arc<CertificateResolver>), DaemonError> {
     let files = CertificateFiles::new(
         config.listener.tls_certificate.as_deref(),
         config.listener.tls_private_key.as_deref(),
@@ -408,7 +450,51 @@ async fn intake_listener(
         address: config.listener.address,
         source,
     })?;
-    Ok((listener, Reloader::new(files, resolver)))
+    Ok((
+        listener,
+        Reloader::new(files, Arc::clone(&resolver)),
+        resolver,
+    ))
+}
+
+/// The admin listener (metrics, health, the status page), bound; `None`
+/// if it cannot be: the relay's work goes on without it.
+async fn admin_listener(
+    config: &Config,
+    certificate: &Arc<CertificateResolver>,
+    observed: Arc<Observed>,
+) -> Option<AdminListener> {
+    let address = config.admin.listen;
+    let token = (config.admin.status_token.as_ref())
+        .map(|token| SecretString::from(token.expose().to_owned()));
+    let tls = Arc::new(cert::server_config(Arc::clone(certificate)));
+    match AdminListener::bind(address, Some(tls), token, observed).await {
+        Ok(listener) => {
+            let bound = listener.local_addr().map_or(address, |a| a);
+            info!(address = %bound, "admin listener ready: /metrics, /healthz, /readyz and the status page");
+            Some(listener)
+        }
+        Err(e) => {
+            error!(%address, error = %e, "cannot open the admin listener: no metrics or status page");
+            None
+        }
+    }
+}
+
+/// `all well`, or `2 problems: outbox.job_parked, upstream.paused`.
+fn health_summary(light: Light, problems: &[Problem]) -> String {
+    if problems.is_empty() {
+        return "all well".into();
+    }
+    let mut events: Vec<&str> = problems.iter().map(|p| p.event).collect();
+    events.dedup();
+    format!(
+        "{} ({} problem{}: {})",
+        light.as_str(),
+        problems.len(),
+        if problems.len() == 1 { "" } else { "s" },
+        events.join(", ")
+    )
 }
 
 /// How often the certificate files are checked for a change.
@@ -428,6 +514,9 @@ struct StatusParts {
     fingerprint: String,
     certificate_problem: Option<String>,
     outbox: Option<String>,
+    /// The status page's address.
+    admin: Option<String>,
+    health: Option<String>,
 }
 
 impl StatusLine {
@@ -438,6 +527,8 @@ impl StatusLine {
                 fingerprint,
                 certificate_problem: None,
                 outbox: None,
+                admin: None,
+                health: None,
             })),
         }
     }
@@ -464,6 +555,15 @@ impl StatusLine {
         self.parts().outbox = Some(outbox);
     }
 
+    fn set_admin(&self, address: std::net::SocketAddr, tls: bool) {
+        let scheme = if tls { "https" } else { "http" };
+        self.parts().admin = Some(format!("{scheme}://{address}/"));
+    }
+
+    fn set_health(&self, health: String) {
+        self.parts().health = Some(health);
+    }
+
     fn line(&self) -> String {
         let parts = self.parts();
         let mut line = format!(
@@ -472,6 +572,13 @@ impl StatusLine {
         );
         if let Some(problem) = &parts.certificate_problem {
             line.push_str(&format!(" (reload failed: {problem})"));
+        }
+        if let Some(admin) = &parts.admin {
+            line.push_str(&format!(" · status page {admin}"));
+        }
+        if let Some(health) = &parts.health {
+            line.push_str(" · ");
+            line.push_str(health);
         }
         if let Some(outbox) = &parts.outbox {
             line.push_str(" · ");

@@ -28,3 +28,5 @@ pub const REFUSED: u8 = 1;
 pub const USAGE: u8 = 64;
 /// The daemon could not be reached or could not answer (`EX_UNAVAILABLE`).
 pub const UNAVAILABLE: u8 = 69;
+/// Not allowed to talk to the daemon: not root, not in its group (`EX_NOPERM`).
+pub const NO_PERMISSION: u8 = 77;

@@ -18,23 +18,29 @@
 //! | [`orders`] | the order API, order ledger and order → transaction building; edits as cancel then register |
 //! | [`smaregi`] | Smaregi's legacy API: client, error classes, exactly-once 取引登録/取引取消 executors |
 //! | [`stock`] | stock notices → the stock mirror → signed batches to the store's EC side |
+//! | [`health`] | whether all is well: the daemon's facts at one moment and the pure judgement of what needs attention |
+//! | [`metrics`] | counters and histograms the components keep, and the Prometheus text format |
 //! | [`tls`] | rustls client configuration for outgoing calls |
 //! | [`telemetry`] | tracing set-up: journald under systemd, human-readable stderr otherwise |
 //! | [`control`] | the control socket: protocol, the daemon's server, the operator commands' client |
 //! | [`alerts`] | alert digests: which changes to the set of active problems to tell, when, and their delivery by webhook and e-mail |
 //! | [`watchdog`] | the systemd watchdog: a registry of vital loops; fed only while every one of them beats |
+//! | [`admin`] | the admin listener (metrics, health, the staff status page) and the monitor that logs and reports problems |
 //! | [`daemon`] | wiring, start-up order, sd_notify, the shutdown token and drain deadline |
 //! | [`cli`] | the command-line definition shared by the binary and the generated man pages and completions |
 //! | [`exit`] | the process exit codes that scripts and systemd rely on |
 
+pub mod admin;
 pub mod alerts;
 pub mod cli;
 pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod exit;
+pub mod health;
 pub mod intake;
 pub mod mapping;
+pub mod metrics;
 pub mod orders;
 pub mod outbox;
 pub mod smaregi;

@@ -67,7 +67,12 @@ pub fn init(level: &str) -> Result<LogTarget, TelemetryError> {
         }
     }
     registry
-        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                // Colour codes only on a terminal, not in files or pipes.
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
+        )
         .try_init()
         .map(|()| LogTarget::Stderr)
         .map_err(|_| TelemetryError::AlreadyInstalled)

@@ -105,6 +105,12 @@ fn every_documented_key_of_the_example_is_accepted_when_uncommented() {
     );
     write_file(
         temp.path(),
+        "status-token",
+        "status-0123456789abcdef",
+        0o600,
+    );
+    write_file(
+        temp.path(),
         "proxy-ca.pem",
         "-----BEGIN CERTIFICATE-----\n-----END CERTIFICATE-----\n",
         0o644,
@@ -241,6 +247,42 @@ fn order_settings_that_cannot_work_are_errors_at_their_keys() {
     assert!(
         errors[2].contains(":10:") && errors[2].contains("sumDivision"),
         "{errors:?}"
+    );
+}
+
+#[test]
+fn a_status_page_on_the_network_needs_a_token_and_hours_must_be_times() {
+    let temp = tempfile::tempdir().unwrap();
+    let path = write_config(
+        temp.path(),
+        "[admin]\nlisten = \"0.0.0.0:9187\"\nopening-hours = \"10時-20時\"\n\
+         control-socket = \"control.sock\"\n",
+    );
+    let errors = errors_of(config::load(&path));
+    assert_eq!(errors.len(), 2, "{errors:?}");
+    assert!(
+        errors[0].contains(":8:") && errors[0].contains("status-token"),
+        "{errors:?}"
+    );
+    assert!(
+        errors[1].contains(":9:") && errors[1].contains("HH:MM"),
+        "{errors:?}"
+    );
+    write_file(
+        temp.path(),
+        "status-token",
+        "status-0123456789abcdef",
+        0o600,
+    );
+    let path = write_config(
+        temp.path(),
+        "[admin]\nlisten = \"0.0.0.0:9187\"\nstatus-token = { file = \"status-token\" }\n\
+         control-socket = \"control.sock\"\n",
+    );
+    let loaded = config::load(&path).unwrap();
+    assert_eq!(
+        loaded.config.admin.status_token.unwrap().expose(),
+        "status-0123456789abcdef"
     );
 }
 

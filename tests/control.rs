@@ -204,3 +204,129 @@ async fn mapping_status_lookup_history_and_rollback() {
     assert_eq!(code, 1);
     assert!(relay_daemon.stop().success());
 }
+
+/// Runs an operator command as `uid`:`gid` on `socket` (the config,
+/// 0640 root, is not theirs to read); (code, stdout, stderr).
+fn relay_as(uid: u32, gid: u32, socket: &Path, args: &[&str]) -> (i32, String, String) {
+    use std::os::unix::process::CommandExt;
+    let output = std::process::Command::new(common::relay_binary())
+        .args(args)
+        .arg("--socket")
+        .arg(socket)
+        .uid(uid)
+        .gid(gid)
+        .output()
+        .unwrap();
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discards_are_audited_retry_all_parked_and_outsiders_are_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let sim = simulator().await;
+    let downstream = Downstream::start().await;
+    let temp = tempfile::tempdir().unwrap();
+    // Others may traverse the folder: the socket's own mode decides.
+    std::fs::set_permissions(temp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let config = stock_config(temp.path(), &sim, &downstream, "", "");
+    let relay_daemon = RunningDaemon::start(temp.path(), &config);
+    let socket = temp.path().join("control.sock");
+    assert_eq!(
+        std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777,
+        0o660
+    );
+
+    // Tests run as root; uid 65534 (nobody) is outside the socket's group,
+    // and gets a clear message and exit 77, the daemon unaffected.
+    if unsafe { libc::geteuid() } == 0 {
+        let (code, _, stderr) = relay_as(65534, 65534, &socket, &["status"]);
+        assert_eq!(code, 77, "{stderr}");
+        assert!(stderr.contains("group smaregi-relay"), "{stderr}");
+        // A member of the socket's group (here root's group 0) may.
+        let (code, stdout, stderr) = relay_as(65534, 0, &socket, &["status", "--json"]);
+        assert_eq!(code, 0, "{stderr}");
+        assert!(stdout.contains("\"version\""), "{stdout}");
+    }
+
+    // The EC side refuses stock: the push parks.
+    downstream.answer(400);
+    let sender = Sender::new(Some(&relay_daemon.certificate())).unwrap();
+    let notice = |product: &'static str| {
+        sim.with_contract(|c| c.set_stock("1", product, 4, 1));
+        let params = json!({"data": [{"table_name": "Stock", "rows": [{"storeId": "1", "productId": product}]}]});
+        let (sender, url) = (&sender, relay_daemon.url("/smaregi/notify"));
+        async move {
+            let (answer, _) = sender
+                .send(
+                    &url,
+                    "stock_send",
+                    &params,
+                    &[("relay_secret".into(), INTAKE_SECRET.into())],
+                )
+                .await
+                .unwrap();
+            assert_eq!(answer, 200);
+        }
+    };
+    let parked_ids = || -> Vec<u64> {
+        relay_json(&config, &["outbox", "list", "--state", "parked"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|job| job["id"].as_u64().unwrap())
+            .collect()
+    };
+    let wait_parked = || async {
+        let deadline = std::time::Instant::now() + common::EVENT_DEADLINE;
+        loop {
+            let ids = parked_ids();
+            if !ids.is_empty() {
+                return ids;
+            }
+            assert!(std::time::Instant::now() < deadline, "nothing parked");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    };
+    notice("501").await;
+    let first = wait_parked().await[0].to_string();
+
+    // Discarded with --yes: audited with the operator's reason and uid.
+    let (code, _, stderr) = relay(
+        &config,
+        &[
+            "outbox",
+            "discard",
+            &first,
+            "--reason",
+            "EC側で手入力済み",
+            "--yes",
+        ],
+    );
+    assert_eq!(code, 0, "{stderr}");
+    let shown = relay_json(&config, &["outbox", "show", &first]);
+    assert_eq!(shown["state"], "discarded", "{shown}");
+    assert_eq!(relay_json(&config, &["status"])["outbox"]["discarded"], 1);
+    let log = relay_daemon.daemon.stderr();
+    assert!(
+        log.contains("operator command") && log.contains("uid 0") && log.contains("OutboxDiscard"),
+        "{log}"
+    );
+
+    // The next refusal parks too; --all-parked retries it once the EC side is fixed.
+    notice("502").await;
+    wait_parked().await;
+    downstream.answer(200);
+    let retried = relay_json(&config, &["outbox", "retry", "--all-parked"]);
+    assert!(retried["retried"].as_u64().unwrap() >= 1, "{retried}");
+    let mut log = downstream.log.clone();
+    tokio::time::timeout(common::EVENT_DEADLINE, log.wait_for(|l| l.batches > 0))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(parked_ids().is_empty());
+    sim.stop().await;
+}

@@ -75,14 +75,8 @@ pub enum Severity {
     Critical,
 }
 
-/// The stable event names of the alerts the assessment raises.
-pub mod events {
-    pub const JOB_PARKED: &str = "outbox.job_parked";
-    pub const UPSTREAM_PAUSED: &str = "upstream.paused";
-    pub const CSV_REJECTED: &str = "mapping.csv_rejected";
-    pub const CERTIFICATE_EXPIRING: &str = "tls.certificate_expiring";
-    pub const DISK_NEARLY_FULL: &str = "storage.disk_nearly_full";
-}
+/// The stable event names, as the health assessment names them.
+pub use crate::health::events;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AlertsError {

@@ -127,6 +127,13 @@ pub mod defaults {
     pub const ALERTS_REQUEST_TIMEOUT_SECONDS: u64 = 30;
     /// Implicit TLS (SMTPS), RFC 8314's recommendation.
     pub const ALERTS_SMTP_TLS: super::SmtpTls = super::SmtpTls::Wrapper;
+    pub const OPENING_HOURS: &str = "10:00-20:00";
+    pub const QUIET_MINUTES: u64 = 120;
+    pub const CERTIFICATE_WARNING_DAYS: u32 = 14;
+    pub const DISK_FREE_PERCENT: u8 = 10;
+    /// Whatever the percentage: less than this is nearly full.
+    pub const DISK_FREE_BYTES: u64 = 512 * 1024 * 1024;
+    pub const BACKLOG_MINUTES: u64 = 60;
 }
 
 /// The whole configuration. Build it with [`load`] or [`parse`].
@@ -660,9 +667,24 @@ pub enum PaymentKind {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
 pub struct AdminConfig {
-    /// Metrics, health and the staff status page.
+    /// Metrics, health and the staff status page: plain HTTP on loopback;
+    /// on any other address, HTTPS with the listener's certificate and
+    /// `status-token`.
     pub listen: SocketAddr,
     pub control_socket: PathBuf,
+    /// Required when `listen` is not a loopback address.
+    pub status_token: Option<Secret>,
+    /// The store's opening hours, Japan time, `HH:MM-HH:MM`.
+    pub opening_hours: String,
+    /// During opening hours, this long without a notification is worth a
+    /// warning; 0 turns the check off.
+    pub quiet_minutes: u64,
+    /// Warn this many days before the TLS certificate expires.
+    pub certificate_warning_days: u32,
+    /// Warn when less than this percentage of the disk is free.
+    pub disk_free_percent: u8,
+    /// Warn when a job has waited this long.
+    pub backlog_minutes: u64,
 }
 
 impl Default for AdminConfig {
@@ -670,6 +692,28 @@ impl Default for AdminConfig {
         Self {
             listen: defaults::ADMIN_LISTEN_ADDRESS,
             control_socket: defaults::CONTROL_SOCKET.into(),
+            status_token: None,
+            opening_hours: defaults::OPENING_HOURS.into(),
+            quiet_minutes: defaults::QUIET_MINUTES,
+            certificate_warning_days: defaults::CERTIFICATE_WARNING_DAYS,
+            disk_free_percent: defaults::DISK_FREE_PERCENT,
+            backlog_minutes: defaults::BACKLOG_MINUTES,
+        }
+    }
+}
+
+impl AdminConfig {
+    /// When the facts become problems.
+    pub fn thresholds(&self) -> crate::health::Thresholds {
+        crate::health::Thresholds {
+            certificate_days: i64::from(self.certificate_warning_days),
+            opening_hours: (self.quiet_minutes > 0)
+                .then(|| crate::health::parse_opening_hours(&self.opening_hours).ok())
+                .flatten(),
+            quiet_minutes: self.quiet_minutes,
+            disk_free_fraction: f64::from(self.disk_free_percent) / 100.0,
+            disk_free_bytes: defaults::DISK_FREE_BYTES,
+            backlog_minutes: self.backlog_minutes,
         }
     }
 }
@@ -1030,7 +1074,14 @@ impl Section for StockConfig {
             .collect()
     }
 }
-impl Section for AdminConfig {}
+impl Section for AdminConfig {
+    fn secrets_mut(&mut self) -> Vec<(&'static [&'static str], &mut Secret)> {
+        self.status_token
+            .iter_mut()
+            .map(|token| (&["admin", "status-token"][..], token))
+            .collect()
+    }
+}
 
 impl Section for AlertsConfig {
     fn secrets_mut(&mut self) -> Vec<(&'static [&'static str], &mut Secret)> {

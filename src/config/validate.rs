@@ -492,7 +492,45 @@ impl Validate for OrdersConfig {
 }
 
 impl Validate for AdminConfig {
-    fn validate(&self, _: &mut Vec<Problem>) {}
+    fn validate(&self, problems: &mut Vec<Problem>) {
+        if !self.listen.ip().is_loopback() && self.status_token.is_none() {
+            problems.push(problem(
+                &["admin", "listen"],
+                format!(
+                    "{} is reachable from the network: set `status-token` too (the page is then \
+                     served over HTTPS and asks for the token), or listen on 127.0.0.1",
+                    self.listen
+                ),
+            ));
+        }
+        if let Err(reason) = crate::health::parse_opening_hours(&self.opening_hours) {
+            problems.push(problem(
+                &["admin", "opening-hours"],
+                format!("{reason}: use e.g. \"10:00-20:00\" (Japan time)"),
+            ));
+        }
+        check(
+            problems,
+            (1..=365).contains(&self.certificate_warning_days),
+            &["admin", "certificate-warning-days"],
+            format!(
+                "{} is out of range: use 1 to 365",
+                self.certificate_warning_days
+            ),
+        );
+        check(
+            problems,
+            self.disk_free_percent <= 50,
+            &["admin", "disk-free-percent"],
+            format!("{} is out of range: use 0 to 50", self.disk_free_percent),
+        );
+        check(
+            problems,
+            self.backlog_minutes >= 1,
+            &["admin", "backlog-minutes"],
+            "must be at least 1".into(),
+        );
+    }
 }
 
 impl Validate for AlertsConfig {

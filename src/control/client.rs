@@ -22,6 +22,8 @@ pub enum ClientError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("not allowed to use the control socket at {}: run the command as root, or as a member of group smaregi-relay (`sudo usermod -aG smaregi-relay $USER`, then log in again)", path.display())]
+    Forbidden { path: PathBuf },
     #[error("the daemon's answer did not arrive: {0}")]
     Io(#[from] std::io::Error),
     #[error("the daemon's answer is not one: {0}")]
@@ -35,6 +37,7 @@ impl ClientError {
     pub fn exit_code(&self) -> u8 {
         match self {
             Self::Unreachable { .. } | Self::Io(_) | Self::Malformed(_) => crate::exit::UNAVAILABLE,
+            Self::Forbidden { .. } => crate::exit::NO_PERMISSION,
             Self::Failed { failure, .. } => match failure {
                 Failure::NotFound | Failure::Refused => crate::exit::REFUSED,
                 Failure::BadRequest => crate::exit::USAGE,
@@ -70,9 +73,13 @@ pub fn socket_path(config: &Path) -> PathBuf {
 
 /// Sends `command` to the daemon at `socket`; its data, or why not.
 pub fn send(socket: &Path, command: &Command) -> Result<Value, ClientError> {
-    let mut stream = UnixStream::connect(socket).map_err(|source| ClientError::Unreachable {
-        path: socket.to_owned(),
-        source,
+    let mut stream = UnixStream::connect(socket).map_err(|source| {
+        let path = socket.to_owned();
+        if source.kind() == std::io::ErrorKind::PermissionDenied {
+            ClientError::Forbidden { path }
+        } else {
+            ClientError::Unreachable { path, source }
+        }
     })?;
     stream.set_read_timeout(Some(TIMEOUT))?;
     stream.set_write_timeout(Some(TIMEOUT))?;
@@ -215,10 +222,10 @@ pub fn render(command: &Command, data: &Value) -> String {
             let outbox = &data["outbox"];
             let parked = outbox["parked"].as_u64().unwrap_or(0);
             let paused = outbox["paused"].as_object().cloned().unwrap_or_default();
-            let health = if parked > 0 || !paused.is_empty() {
-                "要対応 (needs attention)"
-            } else {
-                "正常 (all well)"
+            let health = match data["health"].as_str() {
+                Some("green") => "正常 (all well)",
+                Some("amber") => "要確認 (worth a look)",
+                _ => "要対応 (needs attention)",
             };
             line(format!(
                 "smaregi-relay {} · {health} · up {} · {}",
@@ -253,6 +260,49 @@ pub fn render(command: &Command, data: &Value) -> String {
                 ));
             }
             line(format!("mapping version: {}", data["mapping_version"]));
+            match data["last_import"]["result"].as_str() {
+                Some("imported") => line(format!(
+                    "last CSV: {} imported as version {}",
+                    data["last_import"]["file"].as_str().unwrap_or("?"),
+                    data["last_import"]["version"]
+                )),
+                Some("rejected") => line(format!(
+                    "last CSV: {} rejected ({} problems), report {}",
+                    data["last_import"]["file"].as_str().unwrap_or("?"),
+                    data["last_import"]["errors"],
+                    data["last_import"]["report"].as_str().unwrap_or("?")
+                )),
+                _ => line("last CSV: none since start".into()),
+            }
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            match data["last_notification_at"].as_u64() {
+                Some(at) => line(format!(
+                    "last notification: {} ago",
+                    seconds(now.saturating_sub(at / 1000))
+                )),
+                None => line("last notification: none since start".into()),
+            }
+            if let Some(not_after) = data["certificate"]["not_after"].as_i64() {
+                let left = not_after - now as i64;
+                line(format!(
+                    "certificate: expires {} ({})",
+                    crate::smaregi::jst::format_unix_millis(not_after.max(0) as u64 * 1000),
+                    if left > 0 {
+                        format!("in {}", seconds(left as u64))
+                    } else {
+                        "expired".into()
+                    }
+                ));
+            }
+            for problem in data["problems"].as_array().into_iter().flatten() {
+                line(format!(
+                    "! {}\n  {}",
+                    problem["japanese"].as_str().unwrap_or(""),
+                    problem["english"].as_str().unwrap_or("")
+                ));
+            }
         }
         Command::OutboxList { .. } => {
             let jobs = data.as_array().cloned().unwrap_or_default();

@@ -6,7 +6,7 @@
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -16,6 +16,8 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use super::{parse_request, Command, Failure, Reply, MAX_REQUEST_BYTES};
+use crate::admin::Observed;
+use crate::health;
 use crate::mapping::{MappingError, MappingStore};
 use crate::outbox::engine::{Engine, EngineError};
 use crate::outbox::job::JobState;
@@ -28,9 +30,8 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct Control {
     pub engine: Engine,
     pub mapping: MappingStore,
-    pub started: Instant,
-    /// The `STATUS=` line's facts: address and certificate.
-    pub listening: String,
+    /// What `status` reports, as the status page sees it.
+    pub observed: Arc<Observed>,
 }
 
 /// Binds the socket at `path`, replacing a stale one left by a crash.
@@ -255,40 +256,50 @@ impl Control {
     }
 
     fn status(&self) -> Result<Value, EngineError> {
-        let status = self.engine.status()?;
-        let counts: Vec<Value> = status
-            .counts
-            .iter()
-            .map(|((state, kind), n)| json!({"state": state.as_str(), "kind": kind, "count": n}))
+        let snapshot = self.observed.snapshot()?;
+        let problems = health::assess(&snapshot, &self.observed.thresholds);
+        let total = |state: &str| -> u64 {
+            (snapshot.outbox_counts.iter())
+                .filter(|(s, _, _)| s == state)
+                .map(|(_, _, n)| n)
+                .sum()
+        };
+        let counts: Vec<Value> = (snapshot.outbox_counts.iter())
+            .map(|(state, kind, n)| json!({"state": state, "kind": kind, "count": n}))
             .collect();
-        let now = crate::outbox::retry::unix_millis(std::time::SystemTime::now());
-        let paused: serde_json::Map<String, Value> = status
-            .paused
-            .iter()
-            .map(|(upstream, pause)| {
+        let paused: serde_json::Map<String, Value> = (snapshot.paused.iter())
+            .map(|p| {
                 (
-                    upstream.clone(),
-                    json!({"reason": pause.reason, "until": pause.until}),
+                    p.upstream.clone(),
+                    json!({"reason": p.reason, "by_operator": p.by_operator}),
                 )
             })
             .collect();
         Ok(json!({
-            "version": env!("CARGO_PKG_VERSION"),
-            "uptime_seconds": self.started.elapsed().as_secs(),
-            "listening": self.listening,
+            "version": snapshot.version,
+            "uptime_seconds": snapshot.uptime_seconds,
+            "listening": snapshot.listening,
+            "health": health::Light::of(&problems),
+            "problems": problems,
+            "certificate": {
+                "fingerprint": snapshot.certificate_fingerprint,
+                "not_after": snapshot.certificate_not_after,
+            },
+            "last_notification_at": snapshot.last_notification_at,
             "outbox": {
-                "pending": status.total(JobState::Pending),
-                "parked": status.total(JobState::Parked),
-                "done": status.total(JobState::Done),
-                "discarded": status.total(JobState::Discarded),
+                "pending": snapshot.pending,
+                "parked": snapshot.parked,
+                "done": total("done"),
+                "discarded": total("discarded"),
                 "by_state_and_kind": counts,
-                "oldest_pending": status.oldest_pending.map(|o| json!({
-                    "id": o.id, "kind": o.kind, "age_seconds": now.saturating_sub(o.created_at) / 1000,
+                "oldest_pending": snapshot.oldest_pending.as_ref().map(|(id, kind, age)| json!({
+                    "id": id, "kind": kind, "age_seconds": age,
                 })),
-                "blocked_keys": status.blocked_keys.iter().map(|(key, job)| json!({"key": key, "parked_job": job})).collect::<Vec<_>>(),
+                "blocked_keys": snapshot.blocked_keys.iter().map(|(key, job)| json!({"key": key, "parked_job": job})).collect::<Vec<_>>(),
                 "paused": paused,
             },
-            "mapping_version": self.mapping.current().version(),
+            "mapping_version": snapshot.mapping_version,
+            "last_import": snapshot.last_import,
         }))
     }
 }

@@ -74,6 +74,8 @@ pub struct LoadedCertificate {
     pub key: Arc<CertifiedKey>,
     /// SHA-256 of the leaf certificate, as `AB:CD:…`.
     pub fingerprint: String,
+    /// When the leaf certificate expires (Unix seconds), if readable.
+    pub not_after: Option<i64>,
 }
 
 /// Generates the self-signed certificate if it is missing; returns
@@ -137,6 +139,7 @@ pub fn load(files: &CertificateFiles) -> Result<LoadedCertificate, CertError> {
         return Err(certificate_error("holds no PEM certificate".into()));
     };
     let fingerprint = fingerprint(leaf);
+    let not_after = not_after(leaf.as_ref());
     let key = PrivateKeyDer::from_pem_file(&files.private_key).map_err(|e| CertError::Key {
         path: files.private_key.clone(),
         message: e.to_string(),
@@ -152,6 +155,7 @@ pub fn load(files: &CertificateFiles) -> Result<LoadedCertificate, CertError> {
     Ok(LoadedCertificate {
         key: Arc::new(certified),
         fingerprint,
+        not_after,
     })
 }
 
@@ -193,6 +197,82 @@ impl CertificateResolver {
             .fingerprint
             .clone()
     }
+
+    /// When the serving certificate expires (Unix seconds), if readable.
+    pub fn not_after(&self) -> Option<i64> {
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .not_after
+    }
+}
+
+/// The `notAfter` of an X.509 certificate in DER (Unix seconds).
+///
+/// Reads only the path to it: Certificate → tbsCertificate → (version),
+/// serialNumber, signature, issuer, validity → notAfter. `None` for
+/// anything else; the certificate itself was already checked by rustls.
+pub fn not_after(der: &[u8]) -> Option<i64> {
+    /// One DER element: (tag, contents, rest).
+    fn element(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+        let (&tag, rest) = input.split_first()?;
+        let (&first, rest) = rest.split_first()?;
+        let (length, rest) = if first < 0x80 {
+            (usize::from(first), rest)
+        } else {
+            let octets = usize::from(first & 0x7f);
+            if octets == 0 || octets > 4 || rest.len() < octets {
+                return None;
+            }
+            let length = rest[..octets]
+                .iter()
+                .fold(0usize, |n, &b| (n << 8) | usize::from(b));
+            (length, &rest[octets..])
+        };
+        (rest.len() >= length).then(|| (tag, &rest[..length], &rest[length..]))
+    }
+    const SEQUENCE: u8 = 0x30;
+    let (SEQUENCE, certificate, _) = element(der)? else {
+        return None;
+    };
+    let (SEQUENCE, mut tbs, _) = element(certificate)? else {
+        return None;
+    };
+    // [0] EXPLICIT version, optional.
+    if tbs.first() == Some(&0xa0) {
+        tbs = element(tbs)?.2;
+    }
+    for _ in ["serialNumber", "signature", "issuer"] {
+        tbs = element(tbs)?.2;
+    }
+    let (SEQUENCE, validity, _) = element(tbs)? else {
+        return None;
+    };
+    let (_, _, validity) = element(validity)?;
+    let (tag, time, _) = element(validity)?;
+    let time = std::str::from_utf8(time).ok()?;
+    let (year, rest) = match tag {
+        // UTCTime: YYMMDDHHMMSSZ, years 1950–2049 (RFC 5280).
+        0x17 => {
+            let yy: i64 = time.get(..2)?.parse().ok()?;
+            (if yy < 50 { 2000 + yy } else { 1900 + yy }, time.get(2..)?)
+        }
+        // GeneralizedTime: YYYYMMDDHHMMSSZ.
+        0x18 => (time.get(..4)?.parse().ok()?, time.get(4..)?),
+        _ => return None,
+    };
+    if rest.len() != 11 || !rest.ends_with('Z') {
+        return None;
+    }
+    let field = |at: usize| rest.get(at..at + 2)?.parse::<i64>().ok();
+    let (month, day) = (field(0)?, field(2)?);
+    let (hour, minute, second) = (field(4)?, field(6)?, field(8)?);
+    Some(
+        crate::smaregi::jst::days_from_civil(year, month, day) * 86_400
+            + hour * 3600
+            + minute * 60
+            + second,
+    )
 }
 
 impl ResolvesServerCert for CertificateResolver {
@@ -288,6 +368,23 @@ pub fn server_config(resolver: Arc<CertificateResolver>) -> rustls::ServerConfig
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn not_after_reads_utc_and_generalized_times() {
+        // 2049 is written as UTCTime, 2050 on as GeneralizedTime (RFC 5280).
+        for ((year, month, day), expected) in [
+            ((2049, 12, 31), 2_524_521_600),
+            ((2051, 6, 15), 2_570_400_000),
+        ] {
+            let mut params = rcgen::CertificateParams::new(vec!["localhost".into()]).unwrap();
+            params.not_after = rcgen::date_time_ymd(year, month, day);
+            let key = rcgen::KeyPair::generate().unwrap();
+            let certificate = params.self_signed(&key).unwrap();
+            assert_eq!(not_after(certificate.der()), Some(expected), "{year}");
+        }
+        assert_eq!(not_after(b"not a certificate"), None);
+        assert_eq!(not_after(&[0x30, 0x84, 0xff, 0xff, 0xff, 0xff]), None);
+    }
 
     #[test]
     fn a_generated_certificate_is_kept_and_loads_with_a_stable_fingerprint() {

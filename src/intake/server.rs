@@ -6,6 +6,7 @@
 //! Smaregi copies it into the error e-mail the merchant receives.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,6 +30,7 @@ use tracing::{debug, info, warn};
 use super::form::{self, FormError};
 use super::inbox::{self, Accepted, Inbox, Offer, Route};
 use crate::config::{IntakeConfig, ListenerConfig};
+use crate::metrics::Counters;
 use crate::orders::OrderApi;
 use crate::outbox::retry::unix_millis;
 use crate::stock::StockApi;
@@ -55,6 +57,20 @@ pub enum Refusal {
 }
 
 impl Refusal {
+    /// The `reason` label of the refusal counter.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Unauthorized => "unauthorized",
+            Self::Malformed(_) => "malformed",
+            Self::MethodNotAllowed => "method-not-allowed",
+            Self::NotFound => "not-found",
+            Self::TooLarge(_) => "too-large",
+            Self::BodyTimeout => "body-timeout",
+            Self::Busy => "busy",
+            Self::Unavailable => "unavailable",
+        }
+    }
+
     pub fn status(&self) -> StatusCode {
         match self {
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
@@ -145,6 +161,38 @@ pub struct Services {
     pub stock: Option<Arc<StockApi>>,
     /// Told after each new notification is committed.
     pub accepted: Arc<Notify>,
+    /// What the listener counts, for `/metrics` and the status page.
+    pub stats: Arc<IntakeStats>,
+}
+
+/// Notifications answered, by route and outcome, and when the last one
+/// was stored.
+#[derive(Debug, Default)]
+pub struct IntakeStats {
+    /// `(route, "stored" | "duplicate")`.
+    pub accepted: Counters<(&'static str, &'static str)>,
+    /// `(route, reason)`; the route is `other` for unknown paths and
+    /// connections over the limit.
+    pub refused: Counters<(&'static str, &'static str)>,
+    last_stored_at: AtomicU64,
+}
+
+impl IntakeStats {
+    /// When the last new notification was stored (Unix milliseconds).
+    pub fn last_stored_at(&self) -> Option<u64> {
+        Some(self.last_stored_at.load(Ordering::Relaxed)).filter(|&at| at > 0)
+    }
+
+    fn refused(&self, route: &'static str, refusal: &Refusal) {
+        self.refused.add((route, refusal.reason()));
+    }
+}
+
+fn route_label(route: Route) -> &'static str {
+    match route {
+        Route::Notify => "notify",
+        Route::Webhook => "webhook",
+    }
 }
 
 /// The bound listener, before it serves.
@@ -244,6 +292,7 @@ pub async fn serve_watched(listener: Listener, shutdown: CancellationToken, hear
                 let handler = Arc::clone(&handler);
                 async move {
                     if busy {
+                        handler.services.stats.refused("other", &Refusal::Busy);
                         return Ok::<_, std::convert::Infallible>(Refusal::Busy.response());
                     }
                     Ok(handler.handle(request).await)
@@ -322,25 +371,30 @@ impl Handler {
         {
             return stock.handle(&request);
         }
+        let stats = &self.services.stats;
         let route = if path == self.notify_path {
             Route::Notify
         } else if path == self.webhook_path {
             Route::Webhook
         } else {
+            stats.refused("other", &Refusal::NotFound);
             return Refusal::NotFound.response();
         };
+        let label = route_label(route);
         if request.method() != Method::POST {
+            stats.refused(label, &Refusal::MethodNotAllowed);
             return Refusal::MethodNotAllowed.response();
         }
-        match route {
-            Route::Notify => match self.notify(request).await {
-                Ok(()) => ok(),
-                Err(refusal) => refusal.response(),
-            },
-            Route::Webhook => match self.webhook(request).await {
-                Ok(()) => ok(),
-                Err(refusal) => refusal.response(),
-            },
+        let result = match route {
+            Route::Notify => self.notify(request).await,
+            Route::Webhook => self.webhook(request).await,
+        };
+        match result {
+            Ok(()) => ok(),
+            Err(refusal) => {
+                stats.refused(label, &refusal);
+                refusal.response()
+            }
         }
     }
 
@@ -365,7 +419,7 @@ impl Handler {
 
     /// Stores an accepted notification and commits it.
     async fn store(&self, offer: Offer<'_>) -> Result<(), Refusal> {
-        let accepted = self.inbox.accept(offer).map_err(|e| {
+        let accepted = crate::store::blocking_write(|| self.inbox.accept(offer)).map_err(|e| {
             warn!(error = %e, "intake: cannot store a notification");
             Refusal::Unavailable
         })?;
@@ -374,8 +428,12 @@ impl Handler {
             Refusal::Unavailable
         })?;
         let kind = offer.kind;
+        let route = route_label(offer.route);
+        let stats = &self.services.stats;
         match accepted {
             Accepted::New(seq) => {
+                stats.accepted.add((route, "stored"));
+                stats.last_stored_at.fetch_max(offer.now, Ordering::Relaxed);
                 self.services.accepted.notify_one();
                 info!(
                     seq,
@@ -384,10 +442,13 @@ impl Handler {
                     "intake: notification stored"
                 )
             }
-            Accepted::Duplicate(seq) => info!(
-                seq,
-                kind, "intake: resent notification answered, not stored again"
-            ),
+            Accepted::Duplicate(seq) => {
+                stats.accepted.add((route, "duplicate"));
+                info!(
+                    seq,
+                    kind, "intake: resent notification answered, not stored again"
+                )
+            }
         }
         Ok(())
     }

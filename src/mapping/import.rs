@@ -17,6 +17,9 @@ use std::io::{self, Read};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use tokio::sync::watch;
 
 use super::check::{self, Checked, Format, ProblemKind, Rules};
 use super::report::{self, ReportContext};
@@ -87,12 +90,35 @@ pub enum Outcome {
     Gone,
 }
 
+/// The latest file's outcome, for the status page and `status`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LastImport {
+    /// Unix milliseconds.
+    pub at: u64,
+    pub outcome: Outcome,
+}
+
+impl LastImport {
+    /// The report beside a rejected file.
+    pub fn report_path(&self) -> Option<PathBuf> {
+        match &self.outcome {
+            Outcome::Rejected { path, .. } => {
+                let mut report = path.clone().into_os_string();
+                report.push(REPORT_SUFFIX);
+                Some(report.into())
+            }
+            _ => None,
+        }
+    }
+}
+
 /// Takes files from the drop folder and imports them.
 #[derive(Debug, Clone)]
 pub struct Importer {
     store: MappingStore,
     rules: Rules,
     folders: Folders,
+    last: Arc<watch::Sender<Option<LastImport>>>,
 }
 
 static SEQUENCE: AtomicU64 = AtomicU64::new(0);
@@ -110,7 +136,33 @@ impl Importer {
             store,
             rules,
             folders,
+            last: Arc::new(watch::channel(None).0),
         }
+    }
+
+    /// Hears of each file's outcome.
+    pub fn last_import(&self) -> watch::Receiver<Option<LastImport>> {
+        self.last.subscribe()
+    }
+
+    /// Logs a file's outcome and makes it the latest.
+    pub fn record(&self, outcome: &Outcome) {
+        match outcome {
+            Outcome::Imported { version, path } => {
+                tracing::info!(version, file = %path.display(), "mapping: new version is current")
+            }
+            Outcome::Rejected { path, errors } => tracing::warn!(
+                event = "mapping.csv_rejected",
+                errors,
+                file = %path.display(),
+                "mapping: file rejected"
+            ),
+            Outcome::Gone => return,
+        }
+        self.last.send_replace(Some(LastImport {
+            at: crate::outbox::retry::unix_millis(std::time::SystemTime::now()),
+            outcome: outcome.clone(),
+        }));
     }
 
     pub fn folders(&self) -> &Folders {

@@ -30,7 +30,7 @@ use tracing::{error, info, warn};
 
 use crate::config::{MappingConfig, MappingWatch};
 
-use super::import::{is_ignored_name, Importer, Outcome};
+use super::import::{is_ignored_name, Importer};
 use super::MappingError;
 
 /// How the folder is watched.
@@ -120,7 +120,7 @@ async fn watch(
 ) {
     let folders = importer.folders().clone();
     match importer.recover().await {
-        Ok(outcomes) => outcomes.iter().for_each(log_outcome),
+        Ok(outcomes) => outcomes.iter().for_each(|o| importer.record(o)),
         Err(e) => error!(error = %e, "mapping: processing interrupted files failed"),
     }
 
@@ -150,7 +150,7 @@ async fn watch(
                         return;
                     }
                     match importer.take(&name).await {
-                        Ok(outcome) => log_outcome(&outcome),
+                        Ok(outcome) => importer.record(&outcome),
                         Err(e @ MappingError::Store(_)) => {
                             // The daemon stops on a failed store.
                             error!(error = %e, "mapping: import failed on the store");
@@ -161,18 +161,6 @@ async fn watch(
                 }
             }
         }
-    }
-}
-
-fn log_outcome(outcome: &Outcome) {
-    match outcome {
-        Outcome::Imported { version, path } => {
-            info!(version, file = %path.display(), "mapping: new version is current")
-        }
-        Outcome::Rejected { path, errors } => {
-            warn!(errors, file = %path.display(), "mapping: file rejected")
-        }
-        Outcome::Gone => {}
     }
 }
 

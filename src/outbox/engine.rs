@@ -31,6 +31,7 @@ use super::queue::{Counts, OldestPending, OperatorPause, Queue, QueueError};
 use super::rate::TokenBucket;
 use super::retry::{unix_millis, RetryDecision, RetryPolicy};
 use crate::config::OutboxConfig;
+use crate::metrics::Counters;
 use crate::store::{Store, StoreError};
 use crate::watchdog::Heartbeat;
 
@@ -66,6 +67,20 @@ pub enum AttemptOutcome {
     Configuration {
         reason: String,
     },
+}
+
+impl AttemptOutcome {
+    /// The `outcome` label of the attempt counter.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::Success => "success",
+            Self::Retry { .. } => "retryable",
+            Self::Ambiguous { .. } => "ambiguous",
+            Self::Permanent { .. } => "permanent",
+            Self::Undecodable { .. } => "undecodable",
+            Self::Configuration { .. } => "configuration",
+        }
+    }
 }
 
 /// Carries out the jobs of one kind.
@@ -178,6 +193,8 @@ struct Inner {
     retention: Duration,
     wake: Notify,
     settled: broadcast::Sender<Settled>,
+    /// Attempts by `(kind, outcome)`.
+    attempts: Counters<(String, &'static str)>,
 }
 
 /// The outbox engine. Cheap to clone.
@@ -270,6 +287,7 @@ impl EngineBuilder {
                 retention: Duration::from_secs(self.config.retention_hours * 3600),
                 wake: Notify::new(),
                 settled: broadcast::channel(1024).0,
+                attempts: Counters::default(),
             }),
         })
     }
@@ -382,13 +400,18 @@ impl Engine {
         }
         self.inner.store.commit().await?;
         warn!(
-            event = "job-discarded",
+            event = "outbox.job_discarded",
             job = id,
             reason,
             "outbox: job discarded by operator"
         );
         self.wake();
         Ok(())
+    }
+
+    /// Attempts so far (since start) by `(kind, outcome)`.
+    pub fn attempts(&self) -> std::collections::BTreeMap<(String, &'static str), u64> {
+        self.inner.attempts.snapshot()
     }
 
     /// What `status` shows: counts, the oldest pending job, blocked keys,
@@ -567,6 +590,8 @@ impl Engine {
         let executor = Arc::clone(&registered.executor);
         let attempted = job.clone();
         let outcome = tokio::spawn(async move { executor.execute(&attempted).await }).await;
+        let label = outcome.as_ref().map_or("panicked", AttemptOutcome::label);
+        inner.attempts.add((job.kind.clone(), label));
         let now = inner.clock.now();
         let settled = match outcome {
             Ok(AttemptOutcome::Success) => {
@@ -614,7 +639,7 @@ impl Engine {
                 let until = now + PAUSE_PROBE_INTERVAL.as_millis() as u64;
                 let upstream = &registered.upstream;
                 warn!(
-                    event = "upstream-paused",
+                    event = "upstream.paused",
                     upstream,
                     reason,
                     "outbox: configuration or credential failure; delivery paused"
@@ -640,7 +665,7 @@ impl Engine {
     }
 
     async fn park(&self, job: &Job, class: ErrorClass, reason: &str) -> Result<(), EngineError> {
-        warn!(event = "job-parked", job = job.id, kind = %job.kind, key = %job.key, reason, "outbox: job parked");
+        warn!(event = "outbox.job_parked", job = job.id, kind = %job.kind, key = %job.key, reason, "outbox: job parked");
         let error = JobError::new(class, reason, self.inner.clock.now());
         self.inner.queue.park(job.id, error)?;
         self.inner.store.commit().await?;

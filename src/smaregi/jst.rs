@@ -54,6 +54,11 @@ pub fn format(seconds: i64) -> String {
     )
 }
 
+/// `YYYY-MM-DD HH:MM:SS` JST of Unix milliseconds.
+pub fn format_unix_millis(millis: u64) -> String {
+    format((millis / 1000) as i64 + JST_OFFSET_SECONDS)
+}
+
 /// The current time in JST, as [`parse`] counts it.
 pub fn now() -> i64 {
     let unix = SystemTime::now()
@@ -82,7 +87,8 @@ fn days_in_month(year: i64, month: i64) -> i64 {
 }
 
 // Howard Hinnant's civil calendar algorithms.
-fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
+/// Days since 1970-01-01 of a proleptic Gregorian date.
+pub fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
     let year = if month <= 2 { year - 1 } else { year };
     let era = year.div_euclid(400);
     let year_of_era = year - era * 400;

@@ -27,6 +27,7 @@ pub use commit::CommitFailure;
 use commit::{GroupCommitter, Outcome};
 
 use crate::config::StorageConfig;
+use crate::metrics::{Histogram, HistogramSnapshot, LATENCY_BUCKETS};
 
 /// The on-disk layout this build reads and writes. Bump it with a migration.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -137,6 +138,18 @@ impl StoreError {
     }
 }
 
+/// Runs `write`, a sled call from async code, without stalling the
+/// runtime: sled's writers can wait for the log buffer a flush is writing
+/// out, and on a runtime worker that wait would hold up every connection
+/// the worker serves. On the multi-threaded runtime the worker hands its
+/// other tasks over first (`block_in_place`); elsewhere it runs inline.
+pub fn blocking_write<R>(write: impl FnOnce() -> R) -> R {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(write),
+        _ => write(),
+    }
+}
+
 /// The open database. Cheap to clone; all clones share one committer.
 #[derive(Clone)]
 pub struct Store {
@@ -146,6 +159,8 @@ pub struct Store {
 struct Inner {
     // Field order is drop order: the committer stops before the lock is released.
     committer: GroupCommitter,
+    /// How long callers of [`Store::commit`] waited.
+    commit_latency: Histogram,
     db: sled::Db,
     directory: PathBuf,
     _lock: File,
@@ -221,6 +236,7 @@ impl Store {
         Ok(Self {
             inner: Arc::new(Inner {
                 committer,
+                commit_latency: Histogram::new(LATENCY_BUCKETS),
                 db,
                 directory,
                 _lock: lock,
@@ -272,7 +288,10 @@ impl Store {
     /// have completed; concurrent callers share one. An error means nothing
     /// can be promised about these writes, and the store has failed for good.
     pub async fn commit(&self) -> Result<(), StoreError> {
-        match self.inner.committer.commit().await {
+        let started = std::time::Instant::now();
+        let outcome = self.inner.committer.commit().await;
+        self.inner.commit_latency.observe(started.elapsed());
+        match outcome {
             Outcome::Committed => Ok(()),
             Outcome::Failed(failure) => Err(StoreError::CommitFailed {
                 path: self.inner.directory.clone(),
@@ -292,6 +311,16 @@ impl Store {
             path: self.inner.directory.clone(),
             failure,
         }
+    }
+
+    /// Whether the store has failed for good (see [`Store::failed`]).
+    pub fn has_failed(&self) -> bool {
+        self.inner.committer.failure().is_some()
+    }
+
+    /// How long callers of [`Store::commit`] have waited.
+    pub fn commit_latency(&self) -> HistogramSnapshot {
+        self.inner.commit_latency.snapshot()
     }
 
     /// How many flush + fdatasync rounds commits have cost so far.

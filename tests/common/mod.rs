@@ -43,11 +43,12 @@ pub fn write_config(dir: &Path, extra: &str) -> PathBuf {
     } else {
         format!("{text}\n[listener]\naddress = \"127.0.0.1:0\"\n")
     };
-    // Each test daemon's control socket beside its config.
+    // Each test daemon's control socket beside its config, and its admin
+    // listener on a free port.
     let text = if extra.contains("[admin]") {
         text
     } else {
-        format!("{text}\n[admin]\ncontrol-socket = \"control.sock\"\n")
+        format!("{text}\n[admin]\ncontrol-socket = \"control.sock\"\nlisten = \"127.0.0.1:0\"\n")
     };
     write_file(dir, "config.toml", &text, 0o640)
 }
@@ -87,6 +88,11 @@ impl NotifySocket {
     /// Waits for a notification with a line that starts with `prefix`.
     pub fn wait_for_prefix(&self, prefix: &str) -> Result<String, String> {
         self.wait_for_line(prefix, |line| line.starts_with(prefix))
+    }
+
+    /// Waits for a notification with a line that contains `needle`.
+    pub fn wait_for_containing(&self, needle: &str) -> Result<String, String> {
+        self.wait_for_line(needle, |line| line.contains(needle))
     }
 
     fn wait_for_line(
@@ -289,6 +295,8 @@ pub fn limit_file_size(command: &mut Command, limit: u64) {
 pub struct RunningDaemon {
     pub daemon: Daemon,
     pub port: u16,
+    /// The admin listener's base URL (`http://127.0.0.1:PORT/`), if it listens.
+    pub admin: Option<String>,
     /// Where the daemon keeps its state (`state/` beside a config from
     /// [`write_config`]).
     pub state: PathBuf,
@@ -315,9 +323,15 @@ impl RunningDaemon {
             .and_then(|address| address.rsplit_once(':'))
             .and_then(|(_, port)| port.parse().ok())
             .unwrap_or_else(|| panic!("no listening address in {ready:?}"));
+        // … · status page http://127.0.0.1:PORT/ · …
+        let admin = ready
+            .split(" · ")
+            .find_map(|part| part.strip_prefix("status page "))
+            .map(|url| url.trim().to_owned());
         Self {
             daemon,
             port,
+            admin,
             state: config.parent().expect("a config file").join("state"),
         }
     }
