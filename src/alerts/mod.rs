@@ -75,6 +75,30 @@ pub enum Severity {
     Critical,
 }
 
+impl Alert {
+    /// An alert for a problem of the health assessment, first seen at
+    /// `since` (unix millis): the assessment does not keep that time.
+    pub fn from_problem(problem: &crate::health::Problem, since: u64) -> Self {
+        Self {
+            event: problem.event.to_owned(),
+            severity: problem.severity.into(),
+            key: problem.key.clone(),
+            japanese: problem.japanese.clone(),
+            english: problem.english.clone(),
+            since,
+        }
+    }
+}
+
+impl From<crate::health::Severity> for Severity {
+    fn from(severity: crate::health::Severity) -> Self {
+        match severity {
+            crate::health::Severity::Warning => Self::Warning,
+            crate::health::Severity::Critical => Self::Critical,
+        }
+    }
+}
+
 /// The stable event names, as the health assessment names them.
 pub use crate::health::events;
 
@@ -279,5 +303,32 @@ async fn sleep_until(due: Option<Instant>) {
     match due {
         Some(due) => tokio::time::sleep_until(due).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_health_problem_becomes_an_alert_with_its_first_sighting() {
+        let problem = crate::health::Problem {
+            event: events::JOB_PARKED,
+            severity: crate::health::Severity::Critical,
+            key: "outbox.job_parked:17".into(),
+            japanese: "ジョブ 17 が保留になりました".into(),
+            english: "Job 17 is parked".into(),
+        };
+        let alert = Alert::from_problem(&problem, 42);
+        assert_eq!(alert.event, "outbox.job_parked");
+        assert_eq!(alert.severity, Severity::Critical);
+        assert_eq!(
+            (alert.key.as_str(), alert.since),
+            ("outbox.job_parked:17", 42)
+        );
+        assert_eq!(
+            serde_json::to_value(&alert).unwrap()["severity"],
+            "critical"
+        );
     }
 }
