@@ -23,6 +23,7 @@
 //! | [`tls`] | rustls client configuration for outgoing calls |
 //! | [`telemetry`] | tracing set-up: journald under systemd, human-readable stderr otherwise |
 //! | [`control`] | the control socket: protocol, the daemon's server, the operator commands' client |
+//! | [`alerts`] | alert digests: which changes to the set of active problems to tell, when, and their delivery by webhook and e-mail |
 //! | [`watchdog`] | the systemd watchdog: a registry of vital loops; fed only while every one of them beats |
 //! | [`admin`] | the admin listener (metrics, health, the staff status page) and the monitor that logs and reports problems |
 //! | [`daemon`] | wiring, start-up order, sd_notify, the shutdown token and drain deadline |
@@ -31,6 +32,7 @@
 //! | [`exit`] | the process exit codes that scripts and systemd rely on |
 
 pub mod admin;
+pub mod alerts;
 pub mod cli;
 pub mod config;
 pub mod control;

@@ -115,6 +115,21 @@ fn every_documented_key_of_the_example_is_accepted_when_uncommented() {
         "-----BEGIN CERTIFICATE-----\n-----END CERTIFICATE-----\n",
         0o644,
     );
+    write_file(
+        temp.path(),
+        "alerts-webhook-secret",
+        "alerts-0123456789abcdef",
+        0o600,
+    );
+    write_file(temp.path(), "smtp-password", "smtp pass", 0o600);
+    for ca in ["alerts-webhook-ca.pem", "smtp-ca.pem"] {
+        write_file(
+            temp.path(),
+            ca,
+            "-----BEGIN CERTIFICATE-----\n-----END CERTIFICATE-----\n",
+            0o644,
+        );
+    }
     let loaded = config::load(&path).unwrap_or_else(|e| panic!("{e}\n---\n{uncommented}"));
     let smaregi = loaded
         .config
@@ -139,6 +154,64 @@ fn every_documented_key_of_the_example_is_accepted_when_uncommented() {
         loaded.config.orders.payment_methods.get("credit-card"),
         Some(&config::PaymentKind::Credit)
     );
+    let alerts = &loaded.config.alerts;
+    let webhook = alerts.webhook.as_ref().expect("uncommented");
+    assert_eq!(webhook.secret.expose(), "alerts-0123456789abcdef");
+    let email = alerts.email.as_ref().expect("uncommented");
+    assert_eq!(
+        email.password.as_ref().map(|p| p.expose()),
+        Some("smtp pass")
+    );
+    assert_eq!(email.to.len(), 2);
+    assert_eq!(email.port(), 465);
+    assert_eq!(
+        email.ca_file.as_deref(),
+        Some(temp.path().join("smtp-ca.pem").as_path())
+    );
+}
+
+#[test]
+fn alert_settings_that_cannot_work_are_errors_at_their_keys() {
+    let temp = tempfile::tempdir().unwrap();
+    write_file(temp.path(), "short-secret", "short", 0o600);
+    let path = write_config(
+        temp.path(),
+        "[alerts]\ndigest-interval-minutes = 0\n\n\
+         [alerts.webhook]\nurl = \"http://hooks.example.com/alerts\"\n\
+         secret = { file = \"short-secret\" }\n\n\
+         [alerts.email]\nsmtp-host = \"smtps://smtp.example.com\"\ntls = \"none\"\n\
+         from = \"relay\"\nto = []\n",
+    );
+    let errors = errors_of(config::load(&path));
+    // `tls = "none"` stops the section at its first structural error.
+    assert_eq!(errors.len(), 1, "{errors:#?}");
+    assert!(
+        errors[0].contains(":16:7: unknown variant `none`, expected `wrapper` or `starttls`"),
+        "{errors:#?}"
+    );
+
+    let path = write_config(
+        temp.path(),
+        "[alerts]\ndigest-interval-minutes = 0\n\n\
+         [alerts.webhook]\nurl = \"http://hooks.example.com/alerts\"\n\
+         secret = { file = \"short-secret\" }\n\n\
+         [alerts.email]\nsmtp-host = \"smtps://smtp.example.com\"\nusername = \"relay\"\n\
+         from = \"relay\"\nto = []\n",
+    );
+    let errors = errors_of(config::load(&path));
+    let expected = [
+        ":8:27: 0 is out of range: use 1 to 1440 (a day)",
+        ":11:7: `http://hooks.example.com/alerts` is not an https:// URL",
+        ":12:10: `secret` is 5 characters long",
+        ":15:13: `smtps://smtp.example.com` is not a host name or IP address",
+        ":16:12: `username` is set but `password` is not",
+        ":17:8: `relay` is not an e-mail address",
+        ":18:6: names no recipient",
+    ];
+    assert_eq!(errors.len(), expected.len(), "{errors:#?}");
+    for (error, expected) in errors.iter().zip(expected) {
+        assert!(error.contains(expected), "{error} does not say {expected}");
+    }
 }
 
 #[test]

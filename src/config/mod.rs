@@ -117,6 +117,16 @@ pub mod defaults {
     pub const ADMIN_LISTEN_ADDRESS: SocketAddr =
         SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 9187);
     pub const CONTROL_SOCKET: &str = "/run/smaregi-relay/control.sock";
+    /// At most one alert digest per this many minutes, per notifier.
+    pub const ALERTS_DIGEST_INTERVAL_MINUTES: u64 = 15;
+    /// The first problem after a quiet spell waits this long, so that a
+    /// burst (500 jobs parked at once) becomes one message.
+    pub const ALERTS_GRACE_SECONDS: u64 = 60;
+    /// A problem still active is mentioned again after this long.
+    pub const ALERTS_REMINDER_HOURS: u64 = 24;
+    pub const ALERTS_REQUEST_TIMEOUT_SECONDS: u64 = 30;
+    /// Implicit TLS (SMTPS), RFC 8314's recommendation.
+    pub const ALERTS_SMTP_TLS: super::SmtpTls = super::SmtpTls::Wrapper;
     pub const OPENING_HOURS: &str = "10:00-20:00";
     pub const QUIET_MINUTES: u64 = 120;
     pub const CERTIFICATE_WARNING_DAYS: u32 = 14;
@@ -142,6 +152,7 @@ pub struct Config {
     pub stock: StockConfig,
     pub orders: OrdersConfig,
     pub admin: AdminConfig,
+    pub alerts: AlertsConfig,
 }
 
 /// `[listener]`: the HTTPS listener Smaregi and the store's EC side call.
@@ -726,6 +737,105 @@ impl AdminConfig {
     }
 }
 
+/// `[alerts]`: digests of the problems that need someone's attention.
+/// With neither `webhook` nor `email`, problems are only logged and shown
+/// in systemd's STATUS=.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct AlertsConfig {
+    /// At most one digest per this many minutes, per notifier.
+    pub digest_interval_minutes: u64,
+    /// How long the first problem after a quiet spell waits for others.
+    pub grace_seconds: u64,
+    /// A problem still active is mentioned again after this many hours.
+    pub reminder_hours: u64,
+    pub webhook: Option<AlertsWebhookConfig>,
+    pub email: Option<AlertsEmailConfig>,
+}
+
+impl Default for AlertsConfig {
+    fn default() -> Self {
+        Self {
+            digest_interval_minutes: defaults::ALERTS_DIGEST_INTERVAL_MINUTES,
+            grace_seconds: defaults::ALERTS_GRACE_SECONDS,
+            reminder_hours: defaults::ALERTS_REMINDER_HOURS,
+            webhook: None,
+            email: None,
+        }
+    }
+}
+
+/// `[alerts.webhook]`: digests POSTed as signed JSON (Standard Webhooks).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct AlertsWebhookConfig {
+    /// `https://` only.
+    pub url: String,
+    /// Signs every digest (HMAC-SHA256).
+    pub secret: Secret,
+    /// A PEM certificate to trust besides the system's roots.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    #[serde(default = "default_alerts_request_timeout")]
+    pub request_timeout_seconds: u64,
+}
+
+fn default_alerts_request_timeout() -> u64 {
+    defaults::ALERTS_REQUEST_TIMEOUT_SECONDS
+}
+
+/// `[alerts.email]`: digests by e-mail, over SMTP with TLS.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct AlertsEmailConfig {
+    pub smtp_host: String,
+    /// 465 with `tls = "wrapper"`, 587 with `"starttls"`, unless set.
+    #[serde(default)]
+    pub smtp_port: Option<u16>,
+    #[serde(default = "default_smtp_tls")]
+    pub tls: SmtpTls,
+    /// Log in with these when set (both or neither).
+    #[serde(default)]
+    pub username: Option<String>,
+    #[serde(default)]
+    pub password: Option<Secret>,
+    /// `Name <address>` or a bare address.
+    pub from: String,
+    pub to: Vec<String>,
+    /// A PEM certificate to trust besides the system's roots.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    #[serde(default = "default_alerts_request_timeout")]
+    pub request_timeout_seconds: u64,
+}
+
+fn default_smtp_tls() -> SmtpTls {
+    defaults::ALERTS_SMTP_TLS
+}
+
+impl AlertsEmailConfig {
+    /// The configured port, or the one its TLS mode is served on.
+    pub fn port(&self) -> u16 {
+        self.smtp_port.unwrap_or(match self.tls {
+            SmtpTls::Wrapper => 465,
+            SmtpTls::Starttls => 587,
+        })
+    }
+}
+
+/// How an SMTP connection is secured. There is deliberately no plaintext
+/// mode: the password and the shop's problems would cross the network
+/// readable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SmtpTls {
+    /// TLS from the first byte (SMTPS, usually port 465).
+    Wrapper,
+    /// Plain connection upgraded with STARTTLS before anything is sent,
+    /// refused if the server does not offer it (usually port 587).
+    Starttls,
+}
+
 impl Config {
     /// The drop folder for mapping CSVs.
     pub fn drop_directory(&self) -> PathBuf {
@@ -753,6 +863,11 @@ impl Config {
                 .downstream
                 .as_mut()
                 .and_then(|d| d.ca_file.as_mut()),
+            self.alerts
+                .webhook
+                .as_mut()
+                .and_then(|w| w.ca_file.as_mut()),
+            self.alerts.email.as_mut().and_then(|e| e.ca_file.as_mut()),
         ]
         .into_iter()
         .flatten()
@@ -879,6 +994,7 @@ fn parse_checked(path: &Path, text: &str, env: &SecretEnvironment) -> Result<Par
             "stock" => checker.load(value, &mut sections.stock),
             "orders" => checker.load(value, &mut sections.orders),
             "admin" => checker.load(value, &mut sections.admin),
+            "alerts" => checker.load(value, &mut sections.alerts),
             unknown => checker.errors.push(source.diagnostic(
                 Severity::Error,
                 Some(key.span()),
@@ -986,6 +1102,27 @@ impl Section for AdminConfig {
     }
 }
 
+impl Section for AlertsConfig {
+    fn secrets_mut(&mut self) -> Vec<(&'static [&'static str], &mut Secret)> {
+        let webhook =
+            (self.webhook.as_mut()).map(|w| (&["alerts", "webhook", "secret"][..], &mut w.secret));
+        let password = (self.email.as_mut())
+            .and_then(|e| e.password.as_mut())
+            .map(|p| (&["alerts", "email", "password"][..], p));
+        webhook.into_iter().chain(password).collect()
+    }
+
+    fn files(&self) -> Vec<(&'static [&'static str], &Path, bool)> {
+        let webhook = (self.webhook.as_ref())
+            .and_then(|w| w.ca_file.as_deref())
+            .map(|path| (&["alerts", "webhook", "ca-file"][..], path, false));
+        let email = (self.email.as_ref())
+            .and_then(|e| e.ca_file.as_deref())
+            .map(|path| (&["alerts", "email", "ca-file"][..], path, false));
+        webhook.into_iter().chain(email).collect()
+    }
+}
+
 impl Section for IntakeConfig {
     fn secrets_mut(&mut self) -> Vec<(&'static [&'static str], &mut Secret)> {
         vec![(&["intake", "secret"], &mut self.secret)]
@@ -1088,7 +1225,7 @@ impl SectionChecker<'_> {
 }
 
 const SECTION_NAMES: &str = "`listener`, `storage`, `logging`, `daemon`, `intake`, `smaregi`, \
-                             `outbox`, `mapping`, `stock`, `orders`, `admin`";
+                             `outbox`, `mapping`, `stock`, `orders`, `admin`, `alerts`";
 
 /// The sections seen so far; a missing one takes its defaults.
 #[derive(Default)]
@@ -1104,6 +1241,7 @@ struct Sections {
     stock: Option<StockConfig>,
     orders: Option<OrdersConfig>,
     admin: Option<AdminConfig>,
+    alerts: Option<AlertsConfig>,
 }
 
 impl Sections {
@@ -1121,6 +1259,7 @@ impl Sections {
             stock: self.stock.unwrap_or_default(),
             orders: self.orders.unwrap_or_default(),
             admin: self.admin.unwrap_or_default(),
+            alerts: self.alerts.unwrap_or_default(),
         })
     }
 }

@@ -6,8 +6,9 @@
 use std::net::IpAddr;
 
 use super::{
-    AdminConfig, DaemonConfig, IntakeConfig, ListenerConfig, LoggingConfig, MappingConfig,
-    OrdersConfig, OutboxConfig, SmaregiConfig, StockConfig, StorageConfig, UnmappedPolicy,
+    AdminConfig, AlertsConfig, DaemonConfig, IntakeConfig, ListenerConfig, LoggingConfig,
+    MappingConfig, OrdersConfig, OutboxConfig, SmaregiConfig, StockConfig, StorageConfig,
+    UnmappedPolicy,
 };
 
 /// Shorter shared secrets are refused: they can be guessed.
@@ -532,8 +533,175 @@ impl Validate for AdminConfig {
     }
 }
 
+impl Validate for AlertsConfig {
+    fn validate(&self, problems: &mut Vec<Problem>) {
+        let interval = self.digest_interval_minutes;
+        let interval_ok = (1..=24 * 60).contains(&interval);
+        check(
+            problems,
+            interval_ok,
+            &["alerts", "digest-interval-minutes"],
+            format!("{interval} is out of range: use 1 to 1440 (a day)"),
+        );
+        // Compared with the interval only when that is valid: one mistake,
+        // one error.
+        check(
+            problems,
+            self.grace_seconds <= 3600
+                && (!interval_ok || self.grace_seconds <= interval.saturating_mul(60)),
+            &["alerts", "grace-seconds"],
+            format!(
+                "{} is out of range: use 0 to 3600, and no more than the digest interval",
+                self.grace_seconds
+            ),
+        );
+        let reminder = self.reminder_hours;
+        check(
+            problems,
+            (1..=30 * 24).contains(&reminder) && reminder.saturating_mul(60) >= interval,
+            &["alerts", "reminder-hours"],
+            format!(
+                "{reminder} is out of range: use 1 to 720 (30 days), and no less than the digest \
+                 interval"
+            ),
+        );
+        if let Some(webhook) = &self.webhook {
+            if let Err(message) = check_https_url(&webhook.url) {
+                problems.push(problem(&["alerts", "webhook", "url"], message));
+            }
+            check(
+                problems,
+                (1..=600).contains(&webhook.request_timeout_seconds),
+                &["alerts", "webhook", "request-timeout-seconds"],
+                format!(
+                    "{} is out of range: use 1 to 600",
+                    webhook.request_timeout_seconds
+                ),
+            );
+        }
+        if let Some(email) = &self.email {
+            check(
+                problems,
+                is_host_name(&email.smtp_host),
+                &["alerts", "email", "smtp-host"],
+                format!(
+                    "`{}` is not a host name or IP address (write the bare name, e.g. \
+                     \"smtp.example.com\", without a scheme or port)",
+                    email.smtp_host
+                ),
+            );
+            check(
+                problems,
+                email.smtp_port != Some(0),
+                &["alerts", "email", "smtp-port"],
+                "0 is not a port: use 1 to 65535, usually 465 or 587".into(),
+            );
+            match (&email.username, &email.password) {
+                (Some(_), None) => problems.push(problem(
+                    &["alerts", "email", "username"],
+                    "`username` is set but `password` is not: set both, or neither to send \
+                     without logging in",
+                )),
+                (None, Some(_)) => problems.push(problem(
+                    &["alerts", "email", "password"],
+                    "`password` is set but `username` is not: set both, or neither to send \
+                     without logging in",
+                )),
+                (Some(user), Some(_)) if user.is_empty() => {
+                    problems.push(problem(&["alerts", "email", "username"], "is empty"))
+                }
+                _ => {}
+            }
+            if let Err(e) = email.from.parse::<lettre::message::Mailbox>() {
+                problems.push(problem(
+                    &["alerts", "email", "from"],
+                    format!(
+                        "`{}` is not an e-mail address ({e}); write e.g. \
+                         \"smaregi-relay <relay@shop.example>\"",
+                        email.from
+                    ),
+                ));
+            }
+            check(
+                problems,
+                !email.to.is_empty(),
+                &["alerts", "email", "to"],
+                "names no recipient: list at least one address".into(),
+            );
+            for (i, to) in email.to.iter().enumerate() {
+                if let Err(e) = to.parse::<lettre::message::Mailbox>() {
+                    problems.push(problem(
+                        &["alerts", "email", "to"],
+                        format!("`{to}` is not an e-mail address ({e})"),
+                    ));
+                }
+                check(
+                    problems,
+                    !email.to[..i].contains(to),
+                    &["alerts", "email", "to"],
+                    format!("`{to}` is listed twice"),
+                );
+            }
+            check(
+                problems,
+                (1..=600).contains(&email.request_timeout_seconds),
+                &["alerts", "email", "request-timeout-seconds"],
+                format!(
+                    "{} is out of range: use 1 to 600",
+                    email.request_timeout_seconds
+                ),
+            );
+        }
+    }
+}
+
+/// An SMTP host: a DNS name or an IP address, nothing around it.
+fn is_host_name(host: &str) -> bool {
+    if host.parse::<IpAddr>().is_ok() {
+        return true;
+    }
+    (1..=253).contains(&host.len())
+        && host.split('.').all(|label| {
+            (1..=63).contains(&label.len())
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        })
+}
+
+/// `https://` with a host: alerts leave the shop's network, so never in
+/// plain text, not even to loopback.
+fn check_https_url(url: &str) -> Result<(), String> {
+    match url.strip_prefix("https://") {
+        Some(rest) => {
+            let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+            if authority.is_empty() || authority.starts_with(':') {
+                Err(format!("`{url}` has no host"))
+            } else if authority.contains('@') {
+                Err(format!("`{url}` holds a user name (`@`); remove it"))
+            } else if url.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                Err(format!("`{url}` contains spaces or control characters"))
+            } else {
+                Ok(())
+            }
+        }
+        None => Err(format!(
+            "`{url}` is not an https:// URL: alerts are sent over TLS only"
+        )),
+    }
+}
+
+/// The SMTP password is the mail provider's, not one we ask the operator
+/// to generate, so the strength rule for shared secrets does not apply.
+const SMTP_PASSWORD: &[&str] = &["alerts", "email", "password"];
+
 /// A problem with a resolved secret's value, if any.
 pub fn secret_strength(key: &[&str], value: &str) -> Option<String> {
+    if key == SMTP_PASSWORD {
+        return None;
+    }
     let chars = value.chars().count();
     if chars < MIN_SECRET_CHARS {
         return Some(format!(
@@ -650,6 +818,72 @@ mod tests {
         assert!(check_endpoint("http://localhost:80@evil.example/access/").is_err());
         assert!(check_endpoint("https:///access").is_err());
         assert!(check_endpoint("ftp://x").is_err());
+    }
+
+    #[test]
+    fn alert_urls_must_be_https_even_to_loopback() {
+        assert!(check_https_url("https://hooks.example.com/alerts").is_ok());
+        assert!(check_https_url("https://127.0.0.1:8443/alerts").is_ok());
+        assert!(check_https_url("http://127.0.0.1:8443/alerts").is_err());
+        assert!(check_https_url("https:///alerts").is_err());
+        assert!(check_https_url("https://user:pw@hooks.example.com/").is_err());
+        assert!(check_https_url("hooks.example.com").is_err());
+    }
+
+    #[test]
+    fn smtp_hosts_are_bare_names_or_addresses() {
+        for good in [
+            "smtp.example.com",
+            "localhost",
+            "127.0.0.1",
+            "::1",
+            "mail-1.example.jp",
+        ] {
+            assert!(is_host_name(good), "{good}");
+        }
+        for bad in [
+            "",
+            "smtps://smtp.example.com",
+            "smtp.example.com:465",
+            "a..b",
+            "-a.b",
+            "a b",
+        ] {
+            assert!(!is_host_name(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn alert_settings_are_checked_at_their_keys() {
+        let mut problems = Vec::new();
+        AlertsConfig::default().validate(&mut problems);
+        assert_eq!(problems, []);
+        let bad = AlertsConfig {
+            digest_interval_minutes: 0,
+            reminder_hours: 0,
+            ..AlertsConfig::default()
+        };
+        bad.validate(&mut problems);
+        let keys: Vec<_> = problems.iter().map(|p| p.key.join(".")).collect();
+        assert_eq!(
+            keys,
+            ["alerts.digest-interval-minutes", "alerts.reminder-hours"]
+        );
+        problems.clear();
+        let grace_too_long = AlertsConfig {
+            digest_interval_minutes: 1,
+            grace_seconds: 61,
+            ..AlertsConfig::default()
+        };
+        grace_too_long.validate(&mut problems);
+        let keys: Vec<_> = problems.iter().map(|p| p.key.join(".")).collect();
+        assert_eq!(keys, ["alerts.grace-seconds"]);
+    }
+
+    #[test]
+    fn the_smtp_password_is_not_held_to_the_shared_secret_rules() {
+        assert!(secret_strength(SMTP_PASSWORD, "short pw").is_none());
+        assert!(secret_strength(&["alerts", "webhook", "secret"], "short").is_some());
     }
 
     #[test]

@@ -265,6 +265,7 @@ pub fn open_raw_sled(path: &Path) -> sled::Db {
         .unwrap()
 }
 
+pub mod alerts;
 pub mod downstream;
 pub mod orders;
 pub mod smaregi;
