@@ -28,6 +28,7 @@ use tracing::{error, info, warn};
 
 use crate::admin::server::AdminListener;
 use crate::admin::{self, Journal, Observed};
+use crate::alerts;
 use crate::config::{self, Config, ConfigError, LoadedConfig};
 use crate::control;
 use crate::health::{Light, Problem};
@@ -68,6 +69,8 @@ pub enum DaemonError {
     Downstream(#[source] ClientError),
     #[error("[mapping]: {0}")]
     Mapping(#[from] MappingError),
+    #[error("[alerts]: {0}")]
+    Alerts(#[from] alerts::AlertsError),
     #[error("[listener]: cannot listen on {address}: {source}")]
     Listen {
         address: std::net::SocketAddr,
@@ -86,7 +89,7 @@ impl DaemonError {
             Self::Runtime(_) | Self::Signals(_) => crate::exit::SOFTWARE,
             Self::Outbox(EngineError::Store(e)) => e.exit_code(),
             Self::Outbox(_) => crate::exit::SOFTWARE,
-            Self::SmaregiClient(_) | Self::Downstream(_) => crate::exit::CONFIG,
+            Self::SmaregiClient(_) | Self::Downstream(_) | Self::Alerts(_) => crate::exit::CONFIG,
             Self::Mapping(e) => e.exit_code(),
             Self::Certificate(CertError::Write { .. }) => crate::exit::CANT_CREATE,
             Self::Certificate(_) => crate::exit::CONFIG,
@@ -164,6 +167,8 @@ pub async fn serve(
     running: Option<tokio::sync::oneshot::Sender<Running>>,
 ) -> Result<(), DaemonError> {
     let config = loaded.config;
+    // Before anything starts: an unusable notifier is a config error.
+    let notifier = alerts::Notifier::from_config(&config.alerts, &alerts::host_name())?;
 
     let options = StoreOptions::from_config(&config.storage);
     let store = tokio::task::spawn_blocking(move || Store::open(&options))
@@ -262,10 +267,16 @@ pub async fn serve(
     if let Some(admin) = admin {
         tasks.spawn(admin.serve(shutdown.clone()));
     }
-    let (problems, _) = tokio::sync::watch::channel(Vec::new());
+    let (alerts, active) = tokio::sync::watch::channel(Vec::new());
+    tasks.spawn(alerts::run(
+        active,
+        notifier,
+        alerts::DigestPolicy::from_config(&config.alerts),
+        shutdown.clone(),
+    ));
     tasks.spawn(admin::monitor::run(
         Arc::clone(&observed),
-        problems,
+        alerts,
         {
             let status = status.clone();
             move |light, problems| {

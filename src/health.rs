@@ -13,8 +13,8 @@ use std::path::PathBuf;
 
 use serde::Serialize;
 
-/// A problem's weight.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+/// A problem's weight. Ordered: `Warning < Critical`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Severity {
     /// Someone should look today (amber).

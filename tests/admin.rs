@@ -421,3 +421,48 @@ async fn on_the_lan_the_page_is_https_and_asks_for_the_token() {
         .await
         .is_err());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parked_job_reaches_the_alert_webhook_as_a_digest() {
+    use common::alerts::{WebhookReceiver, WEBHOOK_SECRET};
+    let sim = simulator().await;
+    let downstream = Downstream::start().await;
+    let temp = tempfile::tempdir().unwrap();
+    let mut receiver = WebhookReceiver::start(temp.path()).await;
+    common::write_file(temp.path(), "alerts-secret", WEBHOOK_SECRET, 0o600);
+    let alerts = format!(
+        "\n[alerts]\ngrace-seconds = 0\n\n[alerts.webhook]\nurl = \"{}\"\n\
+         secret = {{ file = \"alerts-secret\" }}\nca-file = \"{}\"\n",
+        receiver.url(),
+        receiver.certificate.display()
+    );
+    let config = stock_config(temp.path(), &sim, &downstream, "", &alerts);
+    let relay = RunningDaemon::start(temp.path(), &config);
+
+    downstream.answer(400);
+    sim.with_contract(|c| c.set_stock("1", "501", 4, 1));
+    assert_eq!(stock_notice(&relay, INTAKE_SECRET).await, 200);
+    let log = tokio::time::timeout(
+        EVENT_DEADLINE,
+        receiver.wait_for(|log| !log.digests.is_empty()),
+    )
+    .await
+    .expect("a digest within the deadline");
+    assert_eq!(log.bad_signatures, 0);
+    let digest = &log.digests[0];
+    let raised = digest["raised"].as_array().unwrap();
+    assert!(
+        raised
+            .iter()
+            .any(|alert| alert["event"] == "outbox.job_parked" && alert["severity"] == "critical"),
+        "{digest}"
+    );
+    assert!(
+        raised[0]["japanese"]
+            .as_str()
+            .unwrap()
+            .contains("止まっています"),
+        "{digest}"
+    );
+    sim.stop().await;
+}

@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use super::Observed;
+use crate::alerts::Alert;
 use crate::health::{self, Light, Problem, Severity};
 use crate::outbox::engine::Settled;
 use crate::smaregi::jobs::{CANCEL_KIND, REGISTER_KIND};
@@ -25,28 +26,33 @@ pub const INTERVAL: Duration = Duration::from_secs(15);
 const MIN_GAP: Duration = Duration::from_millis(500);
 
 /// Assesses until `shutdown`; `status` hears each new light and problem
-/// list (for `STATUS=`), `problems` holds the current list.
+/// list (for `STATUS=`), `alerts` holds the current problems.
 pub async fn run(
     observed: Arc<Observed>,
-    problems: watch::Sender<Vec<Problem>>,
+    alerts: watch::Sender<Vec<Alert>>,
     status: impl Fn(Light, &[Problem]) + Send + 'static,
     shutdown: CancellationToken,
 ) {
     let mut settled = observed.engine.settled();
     let mut imports = observed.last_import.clone();
-    let mut known: HashMap<String, Problem> = HashMap::new();
+    let mut known: HashMap<String, Known> = HashMap::new();
     let mut light = None;
     loop {
         match observed.snapshot() {
             Ok(snapshot) => {
                 let current = health::assess(&snapshot, &observed.thresholds);
-                report_changes(&observed, &mut known, &current);
+                report_changes(&observed, &mut known, &current, snapshot.now);
                 let now = Light::of(&current);
-                if light != Some(now) || problems.borrow().len() != current.len() {
+                if light != Some(now) || alerts.borrow().len() != current.len() {
                     status(now, &current);
                     light = Some(now);
                 }
-                problems.send_replace(current);
+                alerts.send_replace(
+                    current
+                        .iter()
+                        .map(|p| Alert::from_problem(p, known[&p.key].since))
+                        .collect(),
+                );
             }
             Err(e) => warn!(error = %e, "monitor: cannot read the outbox"),
         }
@@ -79,8 +85,20 @@ pub async fn run(
     }
 }
 
+/// A problem being reported, and since when.
+struct Known {
+    problem: Problem,
+    /// Unix milliseconds.
+    since: u64,
+}
+
 /// Logs and journals what was raised and resolved since the last round.
-fn report_changes(observed: &Observed, known: &mut HashMap<String, Problem>, current: &[Problem]) {
+fn report_changes(
+    observed: &Observed,
+    known: &mut HashMap<String, Known>,
+    current: &[Problem],
+    now: u64,
+) {
     for problem in current {
         if known.contains_key(&problem.key) {
             continue;
@@ -100,7 +118,13 @@ fn report_changes(observed: &Observed, known: &mut HashMap<String, Problem>, cur
         observed
             .journal
             .record(level, problem.japanese.clone(), problem.english.clone());
-        known.insert(problem.key.clone(), problem.clone());
+        known.insert(
+            problem.key.clone(),
+            Known {
+                problem: problem.clone(),
+                since: now,
+            },
+        );
     }
     let resolved: Vec<String> = known
         .keys()
@@ -108,7 +132,7 @@ fn report_changes(observed: &Observed, known: &mut HashMap<String, Problem>, cur
         .cloned()
         .collect();
     for key in resolved {
-        let problem = known.remove(&key).expect("listed above");
+        let problem = known.remove(&key).expect("listed above").problem;
         info!(event = problem.event, alert = "resolved", key = %problem.key, "{}", problem.english);
         observed.journal.record(
             "info",

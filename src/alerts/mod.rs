@@ -17,17 +17,10 @@
 //! Each notifier keeps its own digest state, so a webhook that is down does
 //! not cause repeated e-mails, nor the other way round.
 //!
-//! Wiring, in the daemon:
-//!
-//! ```ignore
-//! let (active_tx, active_rx) = tokio::sync::watch::channel(Vec::new());
-//! // A bad CA file is a config error: refuse to start.
-//! let notifier = alerts::Notifier::from_config(&config.alerts, &alerts::host_name())?;
-//! let policy = alerts::DigestPolicy::from_config(&config.alerts);
-//! tokio::spawn(alerts::run(active_rx, notifier, policy, shutdown.clone()));
-//! // The health assessment then calls `active_tx.send_replace(problems)`
-//! // after each assessment, with every problem active at that moment.
-//! ```
+//! The daemon builds the [`Notifier`] before anything starts (a bad CA
+//! file is a config error, exit 78) and runs [`run`] on the channel that
+//! the admin monitor (`admin::monitor`) fills after each assessment, with
+//! the time each problem was first seen.
 
 pub mod digest;
 pub mod email;
@@ -65,15 +58,8 @@ pub struct Alert {
     pub since: u64,
 }
 
-/// How urgent a problem is. Ordered: `Warning < Critical`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Severity {
-    /// 注意: needs attention soon.
-    Warning,
-    /// 重大: work is stopped or about to be lost.
-    Critical,
-}
+/// How urgent a problem is, as the health assessment weighs it.
+pub use crate::health::Severity;
 
 impl Alert {
     /// An alert for a problem of the health assessment, first seen at
@@ -81,20 +67,11 @@ impl Alert {
     pub fn from_problem(problem: &crate::health::Problem, since: u64) -> Self {
         Self {
             event: problem.event.to_owned(),
-            severity: problem.severity.into(),
+            severity: problem.severity,
             key: problem.key.clone(),
             japanese: problem.japanese.clone(),
             english: problem.english.clone(),
             since,
-        }
-    }
-}
-
-impl From<crate::health::Severity> for Severity {
-    fn from(severity: crate::health::Severity) -> Self {
-        match severity {
-            crate::health::Severity::Warning => Self::Warning,
-            crate::health::Severity::Critical => Self::Critical,
         }
     }
 }
