@@ -8,7 +8,7 @@ use smaregi_relay::outbox::queue::{OperatorPause, Queue};
 use smaregi_relay::smaregi::client::SmaregiClient;
 use smaregi_relay::smaregi::executor::TransactionExecutor;
 use smaregi_relay::smaregi::jobs::{SaleJobs, REGISTER_KIND, UPSTREAM};
-use smaregi_relay::smaregi::ledger::Ledger;
+use smaregi_relay::smaregi::ledger::{Echo, Ledger};
 use smaregi_relay::smaregi::sale::{Sale, SaleLine};
 use smaregi_relay::store::Store;
 use smaregi_sim::{Faults, Simulator};
@@ -125,7 +125,7 @@ async fn a_send_whose_answer_was_lost_is_found_not_sent_again() {
     // A previous run sent it and died before recording the answer.
     let ledger = Ledger::open(&h.store).unwrap();
     ledger
-        .record_send_started(TERMINAL, &sale.terminal_tran_id)
+        .record_send_started(TERMINAL, &sale.terminal_tran_id, &no_stock_moved(), 0)
         .await
         .unwrap();
     let client = SmaregiClient::new(h.config.smaregi.as_ref().unwrap()).unwrap();
@@ -250,7 +250,7 @@ async fn a_cancel_whose_registration_was_discarded_cancels_only_what_smaregi_has
     let (second_cancel, _) = h.jobs.cancel("order:2", &second).await.unwrap();
     let ledger = Ledger::open(&h.store).unwrap();
     ledger
-        .record_send_started(TERMINAL, &second.terminal_tran_id)
+        .record_send_started(TERMINAL, &second.terminal_tran_id, &no_stock_moved(), 0)
         .await
         .unwrap();
     let client = SmaregiClient::new(h.config.smaregi.as_ref().unwrap()).unwrap();
@@ -340,5 +340,13 @@ async fn both_cancel_strategies_undo_the_sale_once() {
             }
         }
         h.stop().await;
+    }
+}
+
+/// What a send moves, for tests that do not look at stock.
+fn no_stock_moved() -> Echo {
+    Echo {
+        store_id: "1".into(),
+        moves: Vec::new(),
     }
 }

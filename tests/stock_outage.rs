@@ -328,3 +328,59 @@ async fn absolute_values_survive_hours_of_downstream_outage_on_the_retry_schedul
 async fn delta_batches_survive_hours_of_downstream_outage_each_change_applied_once() {
     outage("delta").await;
 }
+
+/// In delta mode, a refresh that reads Smaregi while a registration of
+/// ours is being sent (Smaregi may already count the sale; the relay has
+/// not recorded it, so no echo says so) leaves that product waiting and
+/// sends the rest. Once the registration is recorded with its echo, the
+/// sale is never sent as a change; a sale at the register afterwards is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_delta_mode_a_refresh_waits_for_our_registration_being_sent() {
+    use smaregi_relay::smaregi::ledger::{Echo, Ledger};
+    let key = |product: &str| ("1".to_owned(), product.to_owned());
+    let mut h = Harness::start("delta").await;
+    h.change(&[("501", 10), ("502", 20)], 1).await;
+    assert!(matches!(h.next_of(REFRESH_KIND).await.0, Settled::Done(_)));
+
+    // Our registration of two of 501 is under way and Smaregi already
+    // counts it; meanwhile one of 502 sells at the register.
+    let ledger = Ledger::open(&h.store).unwrap();
+    let ours = Echo {
+        store_id: "1".into(),
+        moves: vec![("501".into(), -2)],
+    };
+    ledger
+        .record_send_started(common::smaregi::TERMINAL, "77", &ours, h.now())
+        .await
+        .unwrap();
+    h.change(&[("501", 8), ("502", 19)], 2).await;
+    let (settled, waiting) = h.next_of(REFRESH_KIND).await;
+    assert_eq!(settled, Settled::Rescheduled(waiting.id), "{waiting:?}");
+    let reason = &waiting.last_error.as_ref().unwrap().message;
+    assert!(reason.contains("1 products wait"), "{reason}");
+    let log = h
+        .until(|log| log.applied.get(&key("502")) == Some(&-1))
+        .await;
+    assert_eq!(log.applied.get(&key("501")), None, "our sale was not sent");
+
+    // Recorded: the waiting refresh takes 501 with the echo; nothing to send.
+    ledger
+        .record_registered(common::smaregi::TERMINAL, "77", 1234, &ours)
+        .await
+        .unwrap();
+    h.set_clock(h.now() + 60_000);
+    loop {
+        let (settled, job) = h.next_of(REFRESH_KIND).await;
+        if job.id == waiting.id {
+            assert_eq!(settled, Settled::Done(waiting.id));
+            break;
+        }
+    }
+    // A sale at the register is sent, alone.
+    h.change(&[("501", 7)], 3).await;
+    let log = h.until(|log| log.applied.contains_key(&key("501"))).await;
+    assert_eq!(log.applied[&key("501")], -1, "{log:#?}");
+    assert_eq!(log.applied[&key("502")], -1);
+    assert_eq!(log.duplicates, 0);
+    h.stop().await;
+}

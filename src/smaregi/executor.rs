@@ -28,6 +28,7 @@ use super::sale::Sale;
 use crate::config::CancelStrategy;
 use crate::outbox::engine::{AttemptOutcome, BoxFuture, EngineBuilder, Executor};
 use crate::outbox::job::Job;
+use crate::outbox::retry::unix_millis;
 
 /// Runs `smaregi.transaction-register` and `smaregi.transaction-cancel`.
 #[derive(Debug, Clone)]
@@ -101,7 +102,12 @@ impl TransactionExecutor {
                 Err(e) => return lookup_failed(&e),
             },
             Ok(false) => {
-                if let Err(e) = self.ledger.record_send_started(terminal, tran).await {
+                let now = unix_millis(std::time::SystemTime::now());
+                if let Err(e) = self
+                    .ledger
+                    .record_send_started(terminal, tran, &echo_of(sale), now)
+                    .await
+                {
                     return store_failed(e);
                 }
             }
@@ -189,6 +195,21 @@ impl TransactionExecutor {
     /// twice, so no look-up), or registers the reversal exactly once.
     async fn cancel_found(&self, mut reversal: Sale, original_id: u64) -> AttemptOutcome {
         if self.cancel_strategy == CancelStrategy::CancelFlag {
+            // Harmless twice, so never looked up; recorded only to tell
+            // stock forwarding that stock may be moving.
+            let now = unix_millis(std::time::SystemTime::now());
+            if let Err(e) = self
+                .ledger
+                .record_send_started(
+                    &reversal.terminal_id,
+                    &reversal.terminal_tran_id,
+                    &echo_of(&reversal),
+                    now,
+                )
+                .await
+            {
+                return store_failed(e);
+            }
             return match self.client.cancel_flag(original_id).await {
                 // The flag puts back what the original took: what the
                 // reversal would have moved.

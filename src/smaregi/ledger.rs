@@ -8,6 +8,7 @@
 //! | `R` terminal `␀` terminalTranId | transactionHeadId | registered, with Smaregi's id |
 //! | `F` terminal `␀` terminalTranId | — | a cancel by 取消 flag (its reversal's id) was done |
 //! | `E` terminal `␀` terminalTranId | [`Echo`] | the stock that registration moved, not yet taken into account by stock forwarding |
+//! | `I` terminal `␀` terminalTranId | [`InFlight`] | a send started and not yet recorded as done: the stock it may already have moved |
 //!
 //! A `terminalTranId` is taken from the counter in the same transaction
 //! that creates its job, so it is fixed before anything is sent and never
@@ -26,6 +27,12 @@
 //! crashes. The stock module consumes each `E` record in the transaction
 //! that takes it into account (`crate::stock::book`); this module never
 //! reads them back.
+//!
+//! Between the send and its `R` record, Smaregi may already count the
+//! sale while no echo says so. The `I` record, written with the `S` record
+//! before the send and removed in the transaction that writes `R` (or
+//! `F`), tells stock forwarding to leave those products alone until then
+//! ([`in_flight`]).
 
 use sled::transaction::{
     ConflictableTransactionError, ConflictableTransactionResult, TransactionalTree,
@@ -42,6 +49,28 @@ const REGISTERED: u8 = b'R';
 const CANCEL_FLAGGED: u8 = b'F';
 /// The prefix of pending echo records.
 pub const ECHO: u8 = b'E';
+const IN_FLIGHT: u8 = b'I';
+
+/// A send under way: what it moves, from when (Unix milliseconds).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct InFlight {
+    pub since: u64,
+    pub echo: Echo,
+}
+
+/// The sends under way (see the module docs), from the `smaregi` tree.
+pub fn in_flight(tree: &sled::Tree) -> sled::Result<Vec<InFlight>> {
+    let mut sends = Vec::new();
+    for item in tree.scan_prefix([IN_FLIGHT]) {
+        let (_, value) = item?;
+        // A record this version cannot read protects nothing.
+        if let Ok(send) = serde_json::from_slice(&value) {
+            sends.push(send);
+        }
+    }
+    Ok(sends)
+}
 
 /// The stock a registration (or cancel) moved in one store: per product,
 /// the change (negative for a sale).
@@ -184,6 +213,7 @@ impl Ledger {
     ) -> Result<(), LedgerError> {
         let echo_value = serde_json::to_vec(echo).expect("an echo serialises");
         let result = self.tree.transaction(|tx| {
+            tx.remove(record(IN_FLIGHT, terminal, terminal_tran_id))?;
             if tx.get(&key)?.is_none() {
                 tx.insert(key.clone(), value)?;
                 if !echo.moves.is_empty() {
@@ -213,14 +243,37 @@ impl Ledger {
         Ok(self.store.check(self.tree.contains_key(key))?)
     }
 
-    /// Records, durably, that a send is about to start.
+    /// Records, durably, that a send that moves `echo` is about to start.
     pub async fn record_send_started(
         &self,
         terminal: &str,
         terminal_tran_id: &str,
+        echo: &Echo,
+        now: u64,
     ) -> Result<(), LedgerError> {
         let key = record(SENDING, terminal, terminal_tran_id);
-        self.store.check(self.tree.insert(key, &[]))?;
+        let in_flight = serde_json::to_vec(&InFlight {
+            since: now,
+            echo: echo.clone(),
+        })
+        .expect("a send serialises");
+        let result = self.tree.transaction(|tx| {
+            tx.insert(key.clone(), &[])?;
+            if !echo.moves.is_empty() {
+                tx.insert(
+                    record(IN_FLIGHT, terminal, terminal_tran_id),
+                    in_flight.clone(),
+                )?;
+            }
+            Ok::<_, ConflictableTransactionError<LedgerError>>(())
+        });
+        match result {
+            Ok(()) => {}
+            Err(sled::transaction::TransactionError::Abort(e)) => return Err(e),
+            Err(sled::transaction::TransactionError::Storage(e)) => {
+                return Err(self.store.check::<()>(Err(e)).unwrap_err().into())
+            }
+        }
         self.store.commit().await?;
         Ok(())
     }

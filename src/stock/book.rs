@@ -89,7 +89,7 @@ use crate::outbox::engine::{
 use crate::outbox::job::{Job, JobState, NewJob};
 use crate::outbox::queue::{Queue, QueueError};
 use crate::smaregi::client::{ClientError, SmaregiClient};
-use crate::smaregi::ledger::{Echo, Ledger, ECHO};
+use crate::smaregi::ledger::{self, Echo, Ledger, ECHO};
 use crate::store::{widen_abort, Store, StoreError, TreeName};
 
 pub const STOCK: TreeName = TreeName::new("stock");
@@ -117,6 +117,11 @@ pub const HELD_KIND: &str = "stock.push-held";
 /// How much of a rejecting downstream's body a parked job keeps.
 const REASON_BODY_CHARS: usize = 300;
 pub const BACKFILL_KIND: &str = "stock.backfill";
+/// How long a refresh waits for a send of ours to be recorded before it
+/// takes the product as it is (a send abandoned by an operator, say).
+pub const IN_FLIGHT_PATIENCE: Duration = Duration::from_secs(600);
+/// When a refresh that left products waiting looks again.
+const IN_FLIGHT_RECHECK: Duration = Duration::from_secs(1);
 pub const BACKFILL_KEY: &str = "stock-backfill";
 /// `StockHistory` rows read per back-fill call.
 pub const BACKFILL_PAGE: usize = 1000;
@@ -705,6 +710,25 @@ impl StockBook {
         Ok(())
     }
 
+    /// `(store, product)`s that sends of ours under way may have moved
+    /// (see [`ledger::in_flight`]); a send older than
+    /// [`IN_FLIGHT_PATIENCE`] is not waited for.
+    fn moved_by_sends_in_flight(&self) -> Result<BTreeSet<(String, String)>, StockError> {
+        let now = self.now();
+        let sends = self.store.check(ledger::in_flight(&self.ledger))?;
+        Ok(sends
+            .into_iter()
+            .filter(|send| send.since + IN_FLIGHT_PATIENCE.as_millis() as u64 > now)
+            .flat_map(|send| {
+                let store = send.echo.store_id;
+                send.echo
+                    .moves
+                    .into_iter()
+                    .map(move |(product, _)| (store.clone(), product))
+            })
+            .collect())
+    }
+
     /// The pending echo records of the relay's registrations.
     fn pending_echoes(&self) -> Result<Vec<(Vec<u8>, Echo)>, StockError> {
         let mut out = Vec::new();
@@ -1244,14 +1268,32 @@ impl RefreshExecutor {
                 });
             }
         }
-        if learned.is_empty() {
-            return Ok(AttemptOutcome::Success);
+        // In delta mode, a product one of our own sends may already have
+        // moved, with no echo recorded yet, waits (stays dirty) until the
+        // send is recorded: sending that change would count our sale.
+        let deferred = if book.mode() == Some(DownstreamMode::Delta) {
+            let moving = book.moved_by_sends_in_flight()?;
+            let before = learned.len();
+            learned.retain(|l| !moving.contains(&(l.store_id.clone(), l.product.clone())));
+            before - learned.len()
+        } else {
+            0
+        };
+        if !learned.is_empty() {
+            let push_id = book.store.generate_id()?;
+            let holds: BTreeSet<DownstreamKey> = book.live_holds()?.into_keys().collect();
+            let changed = book.record_refresh(&learned, &echoes, &holds, push_id)?;
+            book.store.commit().await?;
+            info!(group, products = learned.len(), changed, "stock: refreshed");
         }
-        let push_id = book.store.generate_id()?;
-        let holds: BTreeSet<DownstreamKey> = book.live_holds()?.into_keys().collect();
-        let changed = book.record_refresh(&learned, &echoes, &holds, push_id)?;
-        book.store.commit().await?;
-        info!(group, products = learned.len(), changed, "stock: refreshed");
+        if deferred > 0 {
+            return Ok(AttemptOutcome::Retry {
+                reason: format!(
+                    "{deferred} products wait until the relay's own registration being sent is recorded"
+                ),
+                retry_after: Some(IN_FLIGHT_RECHECK),
+            });
+        }
         Ok(AttemptOutcome::Success)
     }
 }
