@@ -259,9 +259,37 @@ pub fn read_webhook(
     })
 }
 
+/// `fields` encoded again as a form, without any field named `name`.
+pub fn without_field(fields: &[(String, String)], name: &str) -> Vec<u8> {
+    let mut form = form_urlencoded::Serializer::new(String::new());
+    for (field, value) in fields.iter().filter(|(field, _)| field != name) {
+        form.append_pair(field, value);
+    }
+    form.finish().into_bytes()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_form_without_its_secret_keeps_every_other_field() {
+        let fields = decode_form(
+            b"proc_name=stock_send&relay_secret=s3cret&params=%7B%22a%22%3A1%7D&x=%E6%97%A5",
+        )
+        .unwrap();
+        let kept = without_field(&fields, "relay_secret");
+        let again = decode_form(&kept).unwrap();
+        assert_eq!(
+            again,
+            vec![
+                ("proc_name".to_owned(), "stock_send".to_owned()),
+                ("params".to_owned(), "{\"a\":1}".to_owned()),
+                ("x".to_owned(), "日".to_owned()),
+            ]
+        );
+        assert!(!String::from_utf8(kept).unwrap().contains("s3cret"));
+    }
     use proptest::prelude::*;
 
     fn form(pairs: &[(&str, &str)]) -> Vec<u8> {

@@ -521,11 +521,14 @@ impl Handler {
         let notification = form::read_notification(&fields).map_err(malformed)?;
         let kind = notification.proc_name.as_str();
         let dedup_key = inbox::content_key(kind, &notification.params);
+        // The shared secret is checked, not kept: the inbox holds the form
+        // without it.
+        let kept = form::without_field(&fields, &self.secret_parameter);
         self.store(Offer {
             route: Route::Notify,
             kind,
             dedup_key: &dedup_key,
-            body: &body,
+            body: &kept,
             now: unix_millis(std::time::SystemTime::now()),
             window: self.dedup_window_ms,
         })
