@@ -6,6 +6,7 @@
 mod common;
 
 use std::collections::BTreeMap;
+use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -197,7 +198,10 @@ impl Browser {
             .local_addr()
             .unwrap()
             .port();
+        // Its own process group: Drop ends chromedriver and the browsers
+        // it started together, even when the test fails half-way.
         let driver = Command::new("chromedriver")
+            .process_group(0)
             .arg(format!("--port={port}"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -275,9 +279,18 @@ impl Browser {
     }
 }
 
+impl Browser {
+    /// Ends the session: chromedriver closes the browser.
+    async fn quit(&self) {
+        let url = format!("{}/session/{}", self.base, self.session);
+        let _ = self.http.delete(url).send().await;
+    }
+}
+
 impl Drop for Browser {
     fn drop(&mut self) {
-        let _ = self.driver.kill();
+        let group = -(self.driver.id() as libc::pid_t);
+        unsafe { libc::kill(group, libc::SIGKILL) };
         let _ = self.driver.wait();
     }
 }
@@ -378,6 +391,7 @@ async fn the_status_page_shows_a_parked_job_in_chromium() {
         .script("return document.getElementById('light').dataset.light;")
         .await;
     assert_eq!(light, "green");
+    browser.quit().await;
     sim.stop().await;
 }
 
