@@ -189,6 +189,30 @@ async fn mapping_status_lookup_history_and_rollback() {
     assert_eq!(code, 1, "{stderr}");
     let (code, _, _) = relay(&config, &["mapping", "lookup", "--external-code", "NOPE"]);
     assert_eq!(code, 1);
+
+    // A rejected file shows in `status`, and still does after a restart.
+    import(
+        "broken.csv",
+        "smaregi-id,external-code\nnot-a-number,TEA-500\n",
+    );
+    let deadline = std::time::Instant::now() + common::EVENT_DEADLINE;
+    let rejected = loop {
+        let status = relay_json(&config, &["status"]);
+        if status["last_import"]["result"] == "rejected" {
+            break status["last_import"].clone();
+        }
+        assert!(std::time::Instant::now() < deadline, "{status}");
+        std::thread::yield_now();
+    };
+    assert_eq!(rejected["file"], "broken.csv", "{rejected}");
+    assert!(rejected["errors"].as_u64().unwrap() >= 1, "{rejected}");
+    assert!(relay_daemon.stop().success());
+    std::fs::remove_file(temp.path().join("notify.sock")).unwrap();
+    let relay_daemon = RunningDaemon::start(temp.path(), &config);
+    let status = relay_json(&config, &["status"]);
+    assert_eq!(status["last_import"]["result"], "rejected", "{status}");
+    assert_eq!(status["last_import"]["file"], "broken.csv");
+    assert_eq!(status["last_import"]["errors"], rejected["errors"]);
     assert!(relay_daemon.stop().success());
 }
 

@@ -169,6 +169,45 @@ impl Importer {
         &self.folders
     }
 
+    /// At start-up: the latest outcome is the newest report in
+    /// `processed/` or `rejected/`, so that a rejected file still shows
+    /// after a restart. Unreadable folders or reports are skipped.
+    pub fn restore_last(&self) {
+        let newest = [
+            (&self.folders.processed, false),
+            (&self.folders.rejected, true),
+        ]
+        .into_iter()
+        .filter_map(|(folder, rejected)| Some((fs::read_dir(folder).ok()?, rejected)))
+        .flat_map(|(entries, rejected)| {
+            entries.filter_map(move |entry| {
+                let entry = entry.ok()?;
+                let name = entry.file_name();
+                name.to_str()?.strip_suffix(REPORT_SUFFIX)?;
+                let modified = entry.metadata().ok()?.modified().ok()?;
+                Some((modified, entry.path(), rejected))
+            })
+        })
+        .max_by_key(|(modified, _, _)| *modified);
+        let Some((modified, report, rejected)) = newest else {
+            return;
+        };
+        let Ok(text) = fs::read_to_string(&report) else {
+            return;
+        };
+        let file = report
+            .to_str()
+            .and_then(|r| r.strip_suffix(REPORT_SUFFIX))
+            .map(PathBuf::from)
+            .unwrap_or_else(|| report.clone());
+        if let Some(outcome) = outcome_of_report(&text, file, rejected) {
+            self.last.send_replace(Some(LastImport {
+                at: crate::outbox::retry::unix_millis(modified),
+                outcome,
+            }));
+        }
+    }
+
     /// Processes again what an interrupted run left in `.work/`.
     pub async fn recover(&self) -> Result<Vec<Outcome>, MappingError> {
         let mut outcomes = Vec::new();
@@ -346,6 +385,26 @@ fn stamp() -> String {
     text.replace(['-', ':'], "").replace(' ', "-")
 }
 
+/// What a report says became of its file. Pure.
+fn outcome_of_report(text: &str, file: PathBuf, rejected: bool) -> Option<Outcome> {
+    let number_after = |marker: &str| -> Option<u64> {
+        let rest = &text[text.find(marker)? + marker.len()..];
+        let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+        digits.parse().ok()
+    };
+    if rejected {
+        Some(Outcome::Rejected {
+            path: file,
+            errors: number_after("Errors: ").unwrap_or(0),
+        })
+    } else {
+        Some(Outcome::Imported {
+            version: number_after("imported as version ")?,
+            path: file,
+        })
+    }
+}
+
 fn write_report(path: &Path, text: &str) -> Result<(), MappingError> {
     fs::write(path, text).map_err(io_error(path))
 }
@@ -436,4 +495,35 @@ fn user_name(uid: u32) -> Option<String> {
         let _password = fields.next()?;
         (fields.next()?.parse::<u32>().ok()? == uid).then(|| name.to_owned())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_report_tells_what_became_of_its_file() {
+        let imported = "マッピングファイル確認結果 / Mapping file report\n\
+            結果 / Result: 取り込みました（バージョン 12）/ imported as version 12\n\
+            エラー / Errors: 0   警告 / Warnings: 1\n";
+        assert_eq!(
+            outcome_of_report(imported, "processed/a.csv".into(), false),
+            Some(Outcome::Imported {
+                version: 12,
+                path: "processed/a.csv".into()
+            })
+        );
+        let rejected =
+            "結果 / Result: 取り込みませんでした。/ rejected; the mapping is unchanged\n\
+            エラー / Errors: 3   警告 / Warnings: 0\n";
+        assert_eq!(
+            outcome_of_report(rejected, "rejected/b.csv".into(), true),
+            Some(Outcome::Rejected {
+                path: "rejected/b.csv".into(),
+                errors: 3
+            })
+        );
+        // A processed report that names no version is not guessed at.
+        assert_eq!(outcome_of_report("garbage", "x".into(), false), None);
+    }
 }

@@ -119,6 +119,7 @@ async fn watch(
     shutdown: CancellationToken,
 ) {
     let folders = importer.folders().clone();
+    importer.restore_last();
     match importer.recover().await {
         Ok(outcomes) => outcomes.iter().for_each(|o| importer.record(o)),
         Err(e) => error!(error = %e, "mapping: processing interrupted files failed"),
