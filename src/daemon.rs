@@ -35,6 +35,7 @@ use crate::health::{Light, Problem};
 use crate::intake::cert::{
     self, CertError, CertificateFiles, CertificateResolver, Reload, Reloader,
 };
+use crate::intake::inbox::{Inbox, InboxError};
 use crate::intake::server::{self, IntakeStats, Services};
 use crate::mapping::{self, Catalog, MappingError, MappingStore};
 use crate::orders::{self, build::BuildSettings, OrderApi, OrderBook};
@@ -61,6 +62,8 @@ pub enum DaemonError {
     Signals(#[source] std::io::Error),
     #[error("{0}")]
     Outbox(#[from] EngineError),
+    #[error("{0}")]
+    Inbox(#[from] InboxError),
     #[error("[smaregi]: {0}")]
     SmaregiClient(#[from] ClientError),
     #[error("[listener]: {0}")]
@@ -89,6 +92,8 @@ impl DaemonError {
             Self::Runtime(_) | Self::Signals(_) => crate::exit::SOFTWARE,
             Self::Outbox(EngineError::Store(e)) => e.exit_code(),
             Self::Outbox(_) => crate::exit::SOFTWARE,
+            Self::Inbox(InboxError::Store(e)) => e.exit_code(),
+            Self::Inbox(InboxError::Corrupt(_)) => crate::exit::SOFTWARE,
             Self::SmaregiClient(_) | Self::Downstream(_) | Self::Alerts(_) => crate::exit::CONFIG,
             Self::Mapping(e) => e.exit_code(),
             Self::Certificate(CertError::Write { .. }) => crate::exit::CANT_CREATE,
@@ -190,6 +195,12 @@ pub async fn serve(
         };
         let catalog: Arc<dyn Catalog> = Arc::new(mapping.clone());
         let stock = StockBook::open(&store, &config.stock)?;
+        let inbox = {
+            let store = store.clone();
+            tokio::task::spawn_blocking(move || Inbox::open(&store))
+                .await
+                .expect("opening the inbox does not panic")?
+        };
         let engine = outbox_engine(&store, &config, &stock, Arc::clone(&catalog))?;
         let orders = order_book(&engine, &config, Arc::clone(&catalog))?;
         let services = Services {
@@ -210,19 +221,21 @@ pub async fn serve(
                     catalog,
                 ))
             }),
+            inbox: inbox.clone(),
             accepted: Arc::clone(&accepted),
             stats: Arc::clone(&intake_stats),
         };
         let listener = intake_listener(&store, &config, services).await?;
-        Ok::<_, DaemonError>((engine, stock, orders, listener, mapping))
+        Ok::<_, DaemonError>((engine, stock, orders, listener, mapping, inbox))
     };
-    let (engine, stock, orders, (listener, reloader, certificate), mapping) = match started.await {
-        Ok(started) => started,
-        Err(error) => {
-            store.close().await?;
-            return Err(error);
-        }
-    };
+    let (engine, stock, orders, (listener, reloader, certificate), mapping, inbox) =
+        match started.await {
+            Ok(started) => started,
+            Err(error) => {
+                store.close().await?;
+                return Err(error);
+            }
+        };
     let address = listener
         .local_addr()
         .map_err(|source| DaemonError::Listen {
@@ -310,6 +323,7 @@ pub async fn serve(
         }
         tasks.spawn(stock::processor::run(
             store.clone(),
+            inbox,
             stock,
             engine.clone(),
             accepted,

@@ -153,12 +153,14 @@ struct Handler {
 
 /// What the listener serves besides Smaregi's notifications, and whom it
 /// tells of them.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Services {
     /// The order API, when `[orders]` turns it on.
     pub orders: Option<Arc<OrderApi>>,
     /// The stock read API, when `[stock] api-token` turns it on.
     pub stock: Option<Arc<StockApi>>,
+    /// Where accepted notifications are stored: the processor's inbox.
+    pub inbox: Inbox,
     /// Told after each new notification is committed.
     pub accepted: Arc<Notify>,
     /// What the listener counts, for `/metrics` and the status page.
@@ -223,7 +225,7 @@ pub async fn bind(
     let tcp = TcpListener::bind(listener.address).await?;
     let handler = Handler {
         store: store.clone(),
-        inbox: Inbox::open(store).map_err(std::io::Error::other)?,
+        inbox: services.inbox.clone(),
         notify_path: intake.notify_path.clone(),
         webhook_path: intake.webhook_path.clone(),
         secret_parameter: intake.secret_parameter.clone(),
@@ -419,7 +421,7 @@ impl Handler {
 
     /// Stores an accepted notification and commits it.
     async fn store(&self, offer: Offer<'_>) -> Result<(), Refusal> {
-        let accepted = crate::store::blocking_write(|| self.inbox.accept(offer)).map_err(|e| {
+        let accepted = self.inbox.accept(offer).map_err(|e| {
             warn!(error = %e, "intake: cannot store a notification");
             Refusal::Unavailable
         })?;

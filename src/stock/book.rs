@@ -333,7 +333,7 @@ impl StockBook {
             Ok(notice) => notice,
             Err(e) => {
                 warn!(seq, error = %e, "stock: a stored notification cannot be processed; parked");
-                inbox.park(seq, entry, &e.to_string())?;
+                inbox.park(seq, &e.to_string())?;
                 return Ok(StockNotice::default());
             }
         };
@@ -345,7 +345,7 @@ impl StockBook {
         let result = (inbox.tree(), &self.tree, self.queue.tree()).transaction(
             |(inbox_tx, stock, outbox)| {
                 self.stage_hints(stock, outbox, &notice.hints, &ids, now)?;
-                widen_abort(Inbox::stage_processed(inbox_tx, seq, entry))?;
+                widen_abort(Inbox::stage_processed(inbox_tx, seq))?;
                 Ok(())
             },
         );

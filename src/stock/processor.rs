@@ -35,19 +35,13 @@ const PRUNE_BATCH: usize = 1000;
 /// older than `retention` are pruned hourly.
 pub async fn run(
     store: Store,
+    inbox: Inbox,
     book: StockBook,
     engine: Engine,
     accepted: Arc<Notify>,
     retention: Duration,
     shutdown: CancellationToken,
 ) {
-    let inbox = match Inbox::open(&store) {
-        Ok(inbox) => inbox,
-        Err(e) => {
-            error!(error = %e, "processor: cannot open the inbox");
-            return;
-        }
-    };
     let mut next_prune = tokio::time::Instant::now();
     while !shutdown.is_cancelled() {
         if tokio::time::Instant::now() >= next_prune {
@@ -97,12 +91,13 @@ async fn round(store: &Store, inbox: &Inbox, book: &StockBook) -> Result<usize, 
             Err(StockError::Store(e)) => return Err(StockError::Store(e)),
             Err(e) => {
                 warn!(seq, error = %e, "processor: entry parked");
-                inbox.park(seq, &entry, &e.to_string())?;
+                inbox.park(seq, &e.to_string())?;
             }
         }
     }
     if !batch.is_empty() {
         store.commit().await?;
+        inbox.processed(&batch);
     }
     Ok(batch.len())
 }

@@ -138,18 +138,6 @@ impl StoreError {
     }
 }
 
-/// Runs `write`, a sled call from async code, without stalling the
-/// runtime: sled's writers can wait for the log buffer a flush is writing
-/// out, and on a runtime worker that wait would hold up every connection
-/// the worker serves. On the multi-threaded runtime the worker hands its
-/// other tasks over first (`block_in_place`); elsewhere it runs inline.
-pub fn blocking_write<R>(write: impl FnOnce() -> R) -> R {
-    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
-        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(write),
-        _ => write(),
-    }
-}
-
 /// The open database. Cheap to clone; all clones share one committer.
 #[derive(Clone)]
 pub struct Store {
