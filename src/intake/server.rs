@@ -437,7 +437,10 @@ impl Handler {
                 stats.accepted.add((route, "stored"));
                 stats.last_stored_at.fetch_max(offer.now, Ordering::Relaxed);
                 self.services.accepted.notify_one();
-                info!(
+                // Debug: one line per notification is noise in the journal
+                // (and measurably slows a burst); the counts and the last
+                // notification's time are on the status page and /metrics.
+                debug!(
                     seq,
                     kind,
                     bytes = offer.body.len(),
@@ -525,7 +528,7 @@ impl Handler {
         let dedup_key = inbox::content_key(kind, &notification.params);
         // The shared secret is checked, not kept: the inbox holds the form
         // without it.
-        let kept = form::without_field(&fields, &self.secret_parameter);
+        let kept = form::without_field(&body, &self.secret_parameter);
         self.store(Offer {
             route: Route::Notify,
             kind,
