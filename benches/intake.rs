@@ -3,7 +3,7 @@
 //! answers 200 without storing anything, in the same run.
 //!
 //! `cargo bench --locked --bench intake`. Each side is loaded for 5 s at
-//! 1, 16 and 64 connections, three times in turn (bare, relay, bare, …);
+//! 1, 16 and 64 connections, five times in turn (bare, relay, bare, …);
 //! the round with the median ratio is shown. Each connection is one client task sending the
 //! next notification as soon as the last is answered. Every notification
 //! is distinct (no resend de-duplication) and about 300 bytes. The target:
@@ -26,7 +26,7 @@ mod common;
 
 const SECONDS: u64 = 5;
 /// Bare-then-relay rounds per connection count; the median round is shown.
-const ROUNDS: usize = 3;
+const ROUNDS: usize = 5;
 const CONNECTIONS: [usize; 3] = [1, 16, 64];
 
 /// A bare HTTPS server on the same certificate: reads the body, answers 200.

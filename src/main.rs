@@ -7,6 +7,9 @@ use clap::Parser;
 use smaregi_relay::cli::{Cli, Command, MappingCommand};
 use smaregi_relay::{cli, config, control, daemon, demo, exit, mapping, telemetry};
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let code = match Cli::parse().command {
         Command::Run(args) => match daemon::run(&args.config) {

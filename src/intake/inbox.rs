@@ -35,7 +35,6 @@
 //! one's new entries until it is opened again.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
-use std::fmt::Write as _;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use serde::{Deserialize, Serialize};
@@ -510,10 +509,12 @@ pub fn content_key(proc_name: &str, params: &str) -> String {
     context.update(&[0]);
     context.update(params.as_bytes());
     let digest = context.finish();
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut key = String::with_capacity(8 + 64);
     key.push_str("content:");
     for byte in digest.as_ref() {
-        let _ = write!(key, "{byte:02x}");
+        key.push(HEX[usize::from(byte >> 4)].into());
+        key.push(HEX[usize::from(byte & 0xf)].into());
     }
     key
 }
@@ -562,6 +563,10 @@ mod tests {
         assert_ne!(
             content_key("stock_send", "{}"),
             content_key("stock_sen", "d{}")
+        );
+        assert_eq!(
+            content_key("stock_send", "{}"),
+            "content:11bcf607f383a4c179aeec2226307d46d064847a4fee2f4c684f1ade520880bc"
         );
         store.close().await.unwrap();
     }
