@@ -25,6 +25,11 @@ use smaregi_relay::mapping::import::{Folders, Importer, Outcome};
 use smaregi_relay::mapping::MappingStore;
 use smaregi_relay::store::{Store, StoreOptions};
 
+// The daemon's allocator (see `src/main.rs`), so that peak RSS is the
+// daemon's.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const ROWS: u64 = 1_000_000;
 const ROUNDS: usize = 3;
 const CHILD: &str = "MAPPING_BENCH_STEP";
