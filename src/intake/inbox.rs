@@ -143,7 +143,8 @@ pub fn encode_entry(entry: &Entry, inline_body: &[u8]) -> Vec<u8> {
     value
 }
 
-/// An entry's fields and the body kept in it (empty when in parts).
+/// An entry's fields and the body kept in it (empty when in parts, and in
+/// an entry of the earlier layout, whose body is always in parts).
 pub fn decode_entry(value: &[u8]) -> Result<(Entry, &[u8]), InboxError> {
     let corrupt = |what: String| InboxError::Corrupt(format!("entry: {what}"));
     let (fields, body) = match value.split_first() {
@@ -161,11 +162,11 @@ pub fn decode_entry(value: &[u8]) -> Result<(Entry, &[u8]), InboxError> {
         _ => return Err(corrupt("unknown format".into())),
     };
     let entry: Entry = serde_json::from_slice(fields).map_err(|e| corrupt(e.to_string()))?;
-    if entry.parts == 0 && body.len() as u64 != entry.bytes && value[0] == ENTRY_FORMAT {
+    let held = if entry.parts == 0 { entry.bytes } else { 0 };
+    if body.len() as u64 != held {
         return Err(corrupt(format!(
-            "holds {} body bytes, its fields say {}",
-            body.len(),
-            entry.bytes
+            "holds {} body bytes where {held} belong",
+            body.len()
         )));
     }
     Ok((entry, body))
@@ -458,7 +459,7 @@ impl Inbox {
             return Ok(Vec::new());
         };
         let (entry, inline) = decode_entry(&value)?;
-        if entry.parts == 0 && value[0] == ENTRY_FORMAT {
+        if entry.parts == 0 {
             return Ok(inline.to_vec());
         }
         let mut body = Vec::with_capacity(entry.bytes as usize);
