@@ -196,14 +196,24 @@ fn dedup_digest(dedup_key: &str) -> DedupDigest {
 
 /// The dedup index: the entry last stored under each key seen within the
 /// window, and the keys in the order they were stored, to forget them.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Remembered {
     latest: HashMap<DedupDigest, (u64, u64)>,
     /// (received at, key), oldest first.
     order: VecDeque<(u64, DedupDigest)>,
+    /// At most this many keys: [`MAX_REMEMBERED`] but in tests.
+    capacity: usize,
 }
 
 impl Remembered {
+    fn new(capacity: usize) -> Self {
+        Self {
+            latest: HashMap::new(),
+            order: VecDeque::new(),
+            capacity,
+        }
+    }
+
     /// The entry stored under `key` less than `window` ms before `now`.
     fn recent(&mut self, key: &DedupDigest, now: u64, window: u64) -> Option<u64> {
         self.forget_older_than(now.saturating_sub(window));
@@ -216,7 +226,7 @@ impl Remembered {
     fn remember(&mut self, key: DedupDigest, seq: u64, at: u64) {
         self.latest.insert(key, (seq, at));
         self.order.push_back((at, key));
-        while self.order.len() > MAX_REMEMBERED {
+        while self.order.len() > self.capacity {
             self.forget_oldest();
         }
     }
@@ -314,7 +324,7 @@ impl Inbox {
                     dedup_digest(&entry.dedup_key),
                 ));
             }
-            let mut loaded = Remembered::default();
+            let mut loaded = Remembered::new(MAX_REMEMBERED);
             // Oldest first, so that each key ends under its newest entry.
             for (at, seq, key) in recent.into_iter().rev() {
                 loaded.remember(key, seq, at);
@@ -608,6 +618,35 @@ mod tests {
         }
         assert_eq!(inbox.unprocessed(100).unwrap().len(), 20);
         store.close().await.unwrap();
+    }
+
+    #[test]
+    fn the_dedup_index_forgets_keys_past_their_window_or_past_its_capacity() {
+        let key = |n: u8| [n; 32];
+        let mut remembered = Remembered::new(3);
+        remembered.remember(key(1), 10, 1_000);
+        remembered.remember(key(2), 11, 1_500);
+        assert_eq!(remembered.recent(&key(1), 1_999, 1_000), Some(10));
+        assert_eq!(
+            remembered.recent(&key(1), 2_000, 1_000),
+            None,
+            "window over"
+        );
+        assert_eq!(remembered.recent(&key(2), 2_000, 1_000), Some(11));
+        // Stored again later: the newer entry stands, the old record
+        // leaving the queue does not take it along.
+        remembered.remember(key(2), 12, 2_100);
+        assert_eq!(remembered.recent(&key(2), 2_600, 1_000), Some(12));
+        for n in 3..=5 {
+            remembered.remember(key(n), u64::from(n) * 10, 2_700);
+        }
+        assert_eq!(remembered.latest.len(), 3, "capacity");
+        assert_eq!(
+            remembered.recent(&key(2), 2_700, 1_000),
+            None,
+            "oldest forgotten"
+        );
+        assert_eq!(remembered.recent(&key(5), 2_700, 1_000), Some(50));
     }
 
     #[tokio::test]
