@@ -548,11 +548,7 @@ mod tests {
     #[tokio::test]
     async fn bodies_are_split_and_joined_and_duplicates_kept_out_within_the_window() {
         let temp = tempfile::tempdir().unwrap();
-        let store = Store::open(&crate::store::StoreOptions {
-            directory: temp.path().to_owned(),
-            cache_capacity_bytes: 8 << 20,
-        })
-        .unwrap();
+        let store = Store::open_for_test(temp.path());
         let inbox = Inbox::open(&store).unwrap();
         let big: Vec<u8> = (0..(MAX_PART_BYTES * 2 + 17))
             .map(|i| (i % 251) as u8)
@@ -585,11 +581,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn concurrent_offers_of_one_notification_store_it_once() {
         let temp = tempfile::tempdir().unwrap();
-        let store = Store::open(&crate::store::StoreOptions {
-            directory: temp.path().to_owned(),
-            cache_capacity_bytes: 8 << 20,
-        })
-        .unwrap();
+        let store = Store::open_for_test(temp.path());
         let inbox = Inbox::open(&store).unwrap();
         for round in 0..20 {
             let key = format!("same-{round}");
@@ -652,11 +644,7 @@ mod tests {
     #[tokio::test]
     async fn duplicates_and_unprocessed_entries_are_known_again_after_a_reopen() {
         let temp = tempfile::tempdir().unwrap();
-        let store = Store::open(&crate::store::StoreOptions {
-            directory: temp.path().to_owned(),
-            cache_capacity_bytes: 8 << 20,
-        })
-        .unwrap();
+        let store = Store::open_for_test(temp.path());
         let inbox = Inbox::open(&store).unwrap();
         let Accepted::New(first) = inbox.accept(offer("k", b"body", 100)).unwrap() else {
             panic!("new");
@@ -698,11 +686,7 @@ mod tests {
     #[tokio::test]
     async fn entries_of_the_earlier_layout_are_read_processed_and_pruned() {
         let temp = tempfile::tempdir().unwrap();
-        let store = Store::open(&crate::store::StoreOptions {
-            directory: temp.path().to_owned(),
-            cache_capacity_bytes: 8 << 20,
-        })
-        .unwrap();
+        let store = Store::open_for_test(temp.path());
         let tree = store.tree(INBOX).unwrap();
         let legacy = Entry {
             route: Route::Notify,
@@ -798,11 +782,7 @@ mod tests {
     #[tokio::test]
     async fn only_processed_entries_past_their_time_are_pruned_with_their_parts() {
         let temp = tempfile::tempdir().unwrap();
-        let store = Store::open(&crate::store::StoreOptions {
-            directory: temp.path().to_owned(),
-            cache_capacity_bytes: 8 << 20,
-        })
-        .unwrap();
+        let store = Store::open_for_test(temp.path());
         let inbox = Inbox::open(&store).unwrap();
         let body = vec![7u8; MAX_PART_BYTES + 1];
         let mut seqs = Vec::new();

@@ -162,11 +162,7 @@ mod tests {
     #[tokio::test]
     async fn an_entry_that_cannot_be_processed_is_parked_and_the_others_go_on() {
         let temp = tempfile::tempdir().unwrap();
-        let store = Store::open(&crate::store::StoreOptions {
-            directory: temp.path().to_owned(),
-            cache_capacity_bytes: 8 << 20,
-        })
-        .unwrap();
+        let store = Store::open_for_test(temp.path());
         let inbox = Inbox::open(&store).unwrap();
         let book = StockBook::open(&store, &StockConfig::default()).unwrap();
         let good = form_urlencoded::Serializer::new(String::new())

@@ -163,6 +163,16 @@ impl std::fmt::Debug for Store {
 }
 
 impl Store {
+    /// A store in `directory` with a small cache, for unit tests.
+    #[cfg(test)]
+    pub(crate) fn open_for_test(directory: &Path) -> Self {
+        Self::open(&StoreOptions {
+            directory: directory.to_owned(),
+            cache_capacity_bytes: 8 << 20,
+        })
+        .expect("a test store opens")
+    }
+
     /// Opens (or creates) the store. Blocking: call it from
     /// `spawn_blocking` or before the runtime starts.
     pub fn open(options: &StoreOptions) -> Result<Self, StoreError> {
