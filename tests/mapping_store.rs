@@ -1,7 +1,7 @@
 //! The mapping store against a real sled database on disk.
 
 use smaregi_relay::config::MappingFallback;
-use smaregi_relay::mapping::check::{Entry, Format};
+use smaregi_relay::mapping::check::Format;
 use smaregi_relay::mapping::store::{ImportRequest, VersionSource, MAPPING_ENTRIES, VERSIONS_KEPT};
 use smaregi_relay::mapping::{MappingError, MappingStore};
 use smaregi_relay::store::Store;
@@ -11,13 +11,7 @@ mod common;
 fn request(format: Format, pairs: &[(u64, &str)], name: &str) -> ImportRequest {
     ImportRequest {
         format,
-        entries: pairs
-            .iter()
-            .map(|(id, code)| Entry {
-                smaregi_id: *id,
-                external_code: (*code).into(),
-            })
-            .collect(),
+        entries: pairs.iter().copied().collect(),
         source: VersionSource::File {
             file_name: name.into(),
             sha256: "00".repeat(32),

@@ -54,13 +54,7 @@ impl Format {
     }
 }
 
-/// One mapping entry of a file.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Entry {
-    /// Smaregi's 商品ID; leading zeros are not significant.
-    pub smaregi_id: u64,
-    pub external_code: Box<str>,
-}
+pub use super::pairs::{Entries, Entry};
 
 /// A column of the file: its position and its header as written.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -188,7 +182,7 @@ pub struct Checked {
     pub encoding: Option<TextEncoding>,
     pub format: Option<Format>,
     /// The entries to apply; empty when there are errors.
-    pub entries: Vec<Entry>,
+    pub entries: Entries,
     /// Non-empty rows after the header.
     pub data_rows: u64,
     /// Upsert rows whose flag is not TRUE.
@@ -227,7 +221,7 @@ impl Checked {
         Self {
             encoding: None,
             format: None,
-            entries: Vec::new(),
+            entries: Entries::default(),
             data_rows: 0,
             skipped_rows: 0,
             errors: Vec::new(),
@@ -459,7 +453,7 @@ pub fn check(bytes: Vec<u8>, rules: &Rules) -> Checked {
 /// The entries of the rows read so far, and the line of each.
 #[derive(Default)]
 struct Rows {
-    entries: Vec<Entry>,
+    entries: Entries,
     lines: Vec<u64>,
 }
 
@@ -510,7 +504,7 @@ pub fn check_text(text: &str, rules: &Rules) -> Checked {
         .count()
         .min(rules.max_rows as usize);
     let mut rows = Rows {
-        entries: Vec::with_capacity(estimated),
+        entries: Entries::with_capacity(estimated, text.len()),
         lines: Vec::with_capacity(estimated),
     };
     while reader.read_byte_record(&mut record).unwrap_or(false) {
@@ -532,7 +526,7 @@ pub fn check_text(text: &str, rules: &Rules) -> Checked {
             break;
         }
         if let Some(entry) = check_row(&record, line, &layout, rules, &mut checked) {
-            rows.entries.push(entry);
+            rows.entries.push(entry.smaregi_id, entry.external_code);
             rows.lines.push(line);
         }
     }
@@ -587,13 +581,13 @@ fn is_blank(record: &csv::ByteRecord) -> bool {
 }
 
 /// Checks one data row; its entry when it has one to apply.
-fn check_row(
-    record: &csv::ByteRecord,
+fn check_row<'r>(
+    record: &'r csv::ByteRecord,
     line: u64,
     layout: &Layout,
     rules: &Rules,
     checked: &mut Checked,
-) -> Option<Entry> {
+) -> Option<Entry<'r>> {
     let field = |column: &Column| {
         record
             .get(column.index)
@@ -675,7 +669,7 @@ fn check_row(
     match (id, code_ok) {
         (Some(smaregi_id), true) => Some(Entry {
             smaregi_id,
-            external_code: code.into(),
+            external_code: code,
         }),
         _ => None,
     }
@@ -749,14 +743,14 @@ fn find_duplicates(rows: &mut Rows, layout: &Layout, checked: &mut Checked) {
     let mut order: Vec<u32> = (0..entries.len() as u32).collect();
 
     // Stable sorts: within a group, the first row of the file comes first.
-    order.sort_by_key(|&i| entries[i as usize].smaregi_id);
-    for group in
-        order.chunk_by(|&a, &b| entries[a as usize].smaregi_id == entries[b as usize].smaregi_id)
+    order.sort_by_key(|&i| entries.get(i as usize).smaregi_id);
+    for group in order
+        .chunk_by(|&a, &b| entries.get(a as usize).smaregi_id == entries.get(b as usize).smaregi_id)
     {
         let first = group[0] as usize;
         for &i in &group[1..] {
             let i = i as usize;
-            let (entry, first_entry) = (&entries[i], &entries[first]);
+            let (entry, first_entry) = (entries.get(i), entries.get(first));
             if entry.external_code == first_entry.external_code {
                 repeated[i] = true;
                 problems.push(Problem {
@@ -783,13 +777,14 @@ fn find_duplicates(rows: &mut Rows, layout: &Layout, checked: &mut Checked) {
         }
     }
     order.sort_by(|&a, &b| {
-        entries[a as usize]
+        entries
+            .get(a as usize)
             .external_code
-            .cmp(&entries[b as usize].external_code)
+            .cmp(entries.get(b as usize).external_code)
     });
-    for group in order
-        .chunk_by(|&a, &b| entries[a as usize].external_code == entries[b as usize].external_code)
-    {
+    for group in order.chunk_by(|&a, &b| {
+        entries.get(a as usize).external_code == entries.get(b as usize).external_code
+    }) {
         let first = group[0] as usize;
         for &i in &group[1..] {
             let i = i as usize;
@@ -800,10 +795,10 @@ fn find_duplicates(rows: &mut Rows, layout: &Layout, checked: &mut Checked) {
                 severity: Severity::Error,
                 line: Some(rows.lines[i]),
                 column: Some(layout.code.clone()),
-                value: Some(entries[i].external_code.to_string()),
+                value: Some(entries.get(i).external_code.to_string()),
                 kind: ProblemKind::CodeTwice {
                     first_line: rows.lines[first],
-                    first_id: entries[first].smaregi_id,
+                    first_id: entries.get(first).smaregi_id,
                 },
             });
         }
@@ -820,8 +815,7 @@ fn find_duplicates(rows: &mut Rows, layout: &Layout, checked: &mut Checked) {
         checked.push(problem);
     }
     if repeated.contains(&true) {
-        let mut keep = repeated.iter().map(|r| !r);
-        rows.entries.retain(|_| keep.next().unwrap_or(true));
+        rows.entries.retain(|index| !repeated[index]);
         let mut keep = repeated.iter().map(|r| !r);
         rows.lines.retain(|_| keep.next().unwrap_or(true));
     }
@@ -834,8 +828,8 @@ fn find_lost_leading_zeros(rows: &Rows, layout: &Layout, checked: &mut Checked) 
     // Codes are at most 255 characters long.
     let mut lengths = [0u64; 256];
     let mut numeric = 0u64;
-    for entry in &rows.entries {
-        if is_number(&entry.external_code) {
+    for entry in rows.entries.iter() {
+        if is_number(entry.external_code) {
             numeric += 1;
             lengths[entry.external_code.len().min(255)] += 1;
         }
@@ -852,7 +846,7 @@ fn find_lost_leading_zeros(rows: &Rows, layout: &Layout, checked: &mut Checked) 
         return;
     }
     for (entry, line) in rows.entries.iter().zip(&rows.lines) {
-        let code = &entry.external_code;
+        let code = entry.external_code;
         if code.len() < usual_length && is_number(code) {
             checked.push(Problem {
                 severity: Severity::Warning,
@@ -885,7 +879,7 @@ mod tests {
         checked
             .entries
             .iter()
-            .map(|e| (e.smaregi_id, &*e.external_code))
+            .map(|e| (e.smaregi_id, e.external_code))
             .collect()
     }
 

@@ -19,6 +19,7 @@ pub mod check;
 pub mod chunk;
 pub mod decode;
 pub mod import;
+pub mod pairs;
 pub mod report;
 pub mod store;
 pub mod watch;

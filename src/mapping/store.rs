@@ -17,7 +17,6 @@
 //! This module never decides what a file means ([`super::check`]) and
 //! never touches files.
 
-use rustc_hash::FxHashMap as HashMap;
 use std::sync::{Arc, RwLock};
 
 use serde::{Deserialize, Serialize};
@@ -27,8 +26,9 @@ use crate::config::MappingFallback;
 use crate::store::keys::{decode_u64_key, u64_key};
 use crate::store::{Store, StoreError, TreeName};
 
-use super::check::{Entry, Format};
+use super::check::{Entries, Format};
 use super::chunk::{chunk_key, chunk_version, decode_chunk, ChunkWriter};
+use super::pairs::PairTable;
 use super::MappingError;
 
 pub const MAPPING: TreeName = TreeName::new("mapping");
@@ -86,7 +86,7 @@ pub struct VersionInfo {
 #[derive(Debug, Clone)]
 pub struct ImportRequest {
     pub format: Format,
-    pub entries: Vec<Entry>,
+    pub entries: Entries,
     pub source: VersionSource,
 }
 
@@ -95,8 +95,7 @@ pub struct ImportRequest {
 pub struct MappingVersion {
     version: u64,
     fallback: MappingFallback,
-    by_code: HashMap<Arc<str>, u64>,
-    by_id: HashMap<u64, Arc<str>>,
+    pairs: PairTable,
     info: Option<VersionInfo>,
 }
 
@@ -105,8 +104,7 @@ impl MappingVersion {
         Self {
             version: 0,
             fallback,
-            by_code: HashMap::default(),
-            by_id: HashMap::default(),
+            pairs: PairTable::default(),
             info: None,
         }
     }
@@ -123,11 +121,11 @@ impl MappingVersion {
 
     /// Entries listed (not counting the fallback).
     pub fn len(&self) -> usize {
-        self.by_code.len()
+        self.pairs.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.by_code.is_empty()
+        self.pairs.is_empty()
     }
 
     /// The Smaregi 商品ID of an external code.
@@ -136,14 +134,14 @@ impl MappingVersion {
     /// a valid Smaregi id (1–15 digits) maps to itself, unless that id is
     /// mapped to another code.
     pub fn smaregi_id_for(&self, external_code: &str) -> Option<String> {
-        if let Some(id) = self.by_code.get(external_code) {
+        if let Some(id) = self.pairs.id_for(external_code) {
             return Some(id.to_string());
         }
         match self.fallback {
             MappingFallback::None => None,
             MappingFallback::Identity => {
                 let id = parse_smaregi_id(external_code)?;
-                (!self.by_id.contains_key(&id)).then(|| external_code.to_owned())
+                (!self.pairs.contains_id(id)).then(|| external_code.to_owned())
             }
         }
     }
@@ -152,8 +150,8 @@ impl MappingVersion {
     /// [`MappingFallback::Identity`], an id not listed maps to itself.
     pub fn external_code_for(&self, smaregi_product_id: &str) -> Option<String> {
         let id = parse_smaregi_id(smaregi_product_id)?;
-        match self.by_id.get(&id) {
-            Some(code) => Some(code.to_string()),
+        match self.pairs.code_for(id) {
+            Some(code) => Some(code.to_owned()),
             None => match self.fallback {
                 MappingFallback::None => None,
                 MappingFallback::Identity => Some(smaregi_product_id.to_owned()),
@@ -161,22 +159,12 @@ impl MappingVersion {
         }
     }
 
-    /// Every listed pair (external code, Smaregi id), in no order.
+    /// Every listed pair (external code, Smaregi id), in no particular order.
     pub fn pairs(&self) -> impl Iterator<Item = (&str, u64)> {
-        self.by_code.iter().map(|(code, id)| (&**code, *id))
-    }
-
-    fn insert(&mut self, id: u64, code: Arc<str>) {
-        if let Some(old_code) = self.by_id.insert(id, Arc::clone(&code)) {
-            if old_code != code {
-                self.by_code.remove(&old_code);
-            }
-        }
-        if let Some(old_id) = self.by_code.insert(code, id) {
-            if old_id != id {
-                self.by_id.remove(&old_id);
-            }
-        }
+        self.pairs
+            .entries()
+            .iter()
+            .map(|entry| (entry.external_code, entry.smaregi_id))
     }
 }
 
@@ -314,30 +302,30 @@ impl MappingStore {
         let store = &self.inner.store;
         let current = self.current();
         let number = self.next_version_number()?;
-        let mut version = match request.format {
-            Format::FullReplacement => MappingVersion {
-                version: number,
-                fallback: self.inner.fallback,
-                by_code: HashMap::with_capacity_and_hasher(
-                    request.entries.len(),
-                    Default::default(),
-                ),
-                by_id: HashMap::with_capacity_and_hasher(request.entries.len(), Default::default()),
-                info: None,
-            },
-            Format::Upsert => MappingVersion {
-                version: number,
-                fallback: self.inner.fallback,
-                by_code: current.by_code.clone(),
-                by_id: current.by_id.clone(),
-                info: None,
-            },
-        };
-        drop(current);
         let applied_rows = request.entries.len() as u64;
-        for entry in request.entries {
-            version.insert(entry.smaregi_id, Arc::from(entry.external_code));
+        // The file's entries first, indexed where they are: an upsert's win
+        // over the current pairs of their code and of their id, which are
+        // then not kept.
+        let kept = match request.format {
+            Format::FullReplacement => &PairTable::default(),
+            Format::Upsert => &current.pairs,
+        };
+        let mut pairs =
+            PairTable::index(request.entries, kept.len()).map_err(|(index, clash)| {
+                MappingError::Internal(format!(
+                    "pair {index} of a checked file repeats its {clash:?}"
+                ))
+            })?;
+        for entry in kept.entries().iter() {
+            let _replaced_by_the_file = pairs.insert_new(entry.external_code, entry.smaregi_id);
         }
+        drop(current);
+        let mut version = MappingVersion {
+            version: number,
+            fallback: self.inner.fallback,
+            pairs,
+            info: None,
+        };
         let mut writer = ChunkWriter::new();
         let mut index = 0u32;
         let mut write = |chunk: Vec<u8>| {
@@ -345,8 +333,8 @@ impl MappingStore {
             index += 1;
             store.check(self.inner.entries.insert(key, chunk))
         };
-        for (code, id) in &version.by_code {
-            if let Some(chunk) = writer.push(code, *id) {
+        for entry in version.pairs.entries().iter() {
+            if let Some(chunk) = writer.push(entry.external_code, entry.smaregi_id) {
                 write(chunk)?;
             }
         }
@@ -363,7 +351,7 @@ impl MappingStore {
             version: number,
             created_at: unix_now(),
             based_on: self.current().version(),
-            entries: version.by_code.len() as u64,
+            entries: version.pairs.len() as u64,
             source,
         };
         version.info = Some(info.clone());
@@ -428,26 +416,24 @@ impl MappingStore {
             }
         };
         loaded.version = version;
-        loaded.by_code.reserve(info.entries as usize);
-        loaded.by_id.reserve(info.entries as usize);
+        let mut pairs = PairTable::with_capacity(info.entries as usize, 0);
+        let mut clashes = 0u64;
         for item in self.inner.entries.scan_prefix(u64_key(version)) {
             let (_, chunk) = store.check(item)?;
             decode_chunk(&chunk, |code, id| {
-                let code: Arc<str> = Arc::from(code);
-                loaded.by_id.insert(id, Arc::clone(&code));
-                loaded.by_code.insert(code, id);
+                clashes += u64::from(pairs.insert_new(code, id).is_err());
             })
             .map_err(|e| MappingError::Corrupt(format!("version {version}: {e}")))?;
         }
-        if loaded.by_code.len() as u64 != info.entries || loaded.by_id.len() != loaded.by_code.len()
-        {
+        if pairs.len() as u64 != info.entries || clashes > 0 {
             return Err(MappingError::Corrupt(format!(
-                "version {version} should hold {} entries, but holds {} codes and {} ids",
+                "version {version} should hold {} entries, but holds {} distinct pairs \
+                 and {clashes} that repeat a code or an id",
                 info.entries,
-                loaded.by_code.len(),
-                loaded.by_id.len()
+                pairs.len(),
             )));
         }
+        loaded.pairs = pairs;
         loaded.info = Some(info);
         Ok(loaded)
     }
