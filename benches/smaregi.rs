@@ -128,6 +128,7 @@ async fn relay_round(store: &Store, config: &Config, client: &SmaregiClient) -> 
         .unwrap();
     let jobs = SaleJobs::open(store).unwrap();
     let mut settled = engine.settled();
+    let syncs_before = store.sync_count();
     let shutdown = CancellationToken::new();
     let running = tokio::spawn(engine.clone().run(shutdown.clone()));
     let started = Instant::now();
@@ -154,6 +155,11 @@ async fn relay_round(store: &Store, config: &Config, client: &SmaregiClient) -> 
         }
     }
     let rate = PER_ROUND as f64 / started.elapsed().as_secs_f64();
+    let rounds = store.sync_count() - syncs_before;
+    println!(
+        "  relay: {rounds} commit rounds, {:.2} per registration",
+        rounds as f64 / PER_ROUND as f64
+    );
     for stager in stagers {
         stager.await.unwrap();
     }
