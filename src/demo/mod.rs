@@ -348,9 +348,14 @@ async fn with_daemon(
         }
         Err(error) => Err(error),
     };
-    say("デーモンを停止しています… / stopping the daemon…");
+    say("デーモンを停止しています…（もう一度 Ctrl-C ですぐに終了）/ stopping the daemon… (Ctrl-C again to quit at once)");
     stop.cancel();
-    let stopped = daemon.await;
+    // The daemon drains for up to its shutdown timeout; a second signal
+    // leaves at once (everything accepted is already committed).
+    let stopped = tokio::select! {
+        stopped = &mut daemon => stopped,
+        signal = signals.recv() => return Err(DemoError::Interrupted(signal)),
+    };
     match (outcome, stopped) {
         (Err(error), _) => Err(error),
         (Ok(()), Err(error)) => Err(DemoError::Daemon(error)),
