@@ -65,8 +65,8 @@ pub fn decode(bytes: Vec<u8>) -> Result<(String, TextEncoding), DecodeError> {
     };
     let utf8_valid_up_to = utf8_error.utf8_error().valid_up_to();
     let bytes = utf8_error.into_bytes();
-    match SHIFT_JIS.decode_without_bom_handling_and_without_replacement(&bytes) {
-        Some(text) => Ok((text.into_owned(), TextEncoding::ShiftJis)),
+    match decode_shift_jis(&bytes) {
+        Some(text) => Ok((text, TextEncoding::ShiftJis)),
         None => {
             let sjis_valid_up_to = shift_jis_valid_up_to(&bytes);
             // Report against the encoding that read further: that is the
@@ -82,6 +82,31 @@ pub fn decode(bytes: Vec<u8>) -> Result<(String, TextEncoding), DecodeError> {
                     tried: TextEncoding::ShiftJis,
                 })
             }
+        }
+    }
+}
+
+/// Shift_JIS → UTF-8, or `None` at the first byte that does not decode.
+///
+/// Into a buffer sized for this input, not for the worst case: encoding_rs's
+/// one-call decode reserves three bytes of output per input byte, 72 MiB
+/// for a 24 MiB file. An ASCII byte stays one byte; a two-byte character
+/// becomes three bytes and a one-byte half-width katakana three, so two
+/// more bytes per non-ASCII byte are always enough.
+fn decode_shift_jis(bytes: &[u8]) -> Option<String> {
+    let non_ascii = bytes.iter().filter(|b| !b.is_ascii()).count();
+    let mut text = String::with_capacity(bytes.len() + 2 * non_ascii + 16);
+    let mut decoder = SHIFT_JIS.new_decoder_without_bom_handling();
+    let mut read = 0;
+    loop {
+        let (result, consumed) =
+            decoder.decode_to_string_without_replacement(&bytes[read..], &mut text, true);
+        read += consumed;
+        match result {
+            encoding_rs::DecoderResult::InputEmpty => return Some(text),
+            encoding_rs::DecoderResult::Malformed(..) => return None,
+            // Not reached with the room reserved above; kept correct anyway.
+            encoding_rs::DecoderResult::OutputFull => text.reserve(3 * (bytes.len() - read) + 16),
         }
     }
 }
@@ -189,13 +214,29 @@ mod tests {
         }
 
         #[test]
-        fn shift_jis_text_decodes_to_itself(text in "[a-zA-Z0-9,\n\"アイウエオカナ漢字商品コード０-９]{0,40}") {
+        fn shift_jis_text_decodes_to_itself(text in "[a-zA-Z0-9,\n\"アイウエオカナ漢字商品コード０-９ｱｲｳｴｵｶﾅ]{0,40}") {
             let (decoded, encoding) = decode(sjis(&text)).unwrap();
             prop_assert_eq!(&decoded, &text);
             // ASCII-only text is valid UTF-8 as well, and reads the same.
             if !text.is_ascii() {
                 prop_assert_eq!(encoding, TextEncoding::ShiftJis);
             }
+        }
+
+        #[test]
+        /// The buffer sized for the input agrees with encoding_rs's own
+        /// one-call decode, half-width katakana (three bytes of UTF-8 from
+        /// one) included, and is never grown.
+        fn shift_jis_decodes_like_encoding_rs_in_a_buffer_it_never_grows(
+            text in "[a-z0-9,\nア漢ｱｲｳｴｵ]{0,60}"
+        ) {
+            let bytes = sjis(&text);
+            let decoded = decode_shift_jis(&bytes).expect("valid Shift_JIS");
+            prop_assert_eq!(&decoded, &text);
+            let reference = SHIFT_JIS.decode_without_bom_handling_and_without_replacement(&bytes);
+            prop_assert_eq!(Some(decoded.as_str()), reference.as_deref());
+            let non_ascii = bytes.iter().filter(|b| !b.is_ascii()).count();
+            prop_assert_eq!(decoded.capacity(), bytes.len() + 2 * non_ascii + 16);
         }
 
         #[test]

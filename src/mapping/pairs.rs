@@ -91,6 +91,13 @@ impl Entries {
         (0..self.len()).map(|index| self.get(index))
     }
 
+    /// Gives back what was reserved and not used: for lists that stay.
+    pub fn shrink_to_fit(&mut self) {
+        self.codes.shrink_to_fit();
+        self.ends.shrink_to_fit();
+        self.ids.shrink_to_fit();
+    }
+
     /// Keeps the pairs whose index `keep` accepts, in order.
     pub fn retain(&mut self, mut keep: impl FnMut(usize) -> bool) {
         let mut kept = Self::with_capacity(self.len(), self.code_bytes());
@@ -247,6 +254,18 @@ impl PairTable {
         self.by_id
             .find(hash, |&i| self.entries.get(i as usize).smaregi_id == id)
             .map(|&i| i as usize)
+    }
+
+    /// Gives back what was reserved and not used: for tables that stay.
+    pub fn shrink_to_fit(&mut self) {
+        self.entries.shrink_to_fit();
+        let Self {
+            entries,
+            by_code,
+            by_id,
+        } = self;
+        by_code.shrink_to_fit(|&i| hash_code(entries.get(i as usize).external_code));
+        by_id.shrink_to_fit(|&i| hash_id(entries.get(i as usize).smaregi_id));
     }
 
     /// The id paired with `code`.

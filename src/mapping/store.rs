@@ -433,6 +433,8 @@ impl MappingStore {
                 pairs.len(),
             )));
         }
+        // Loading grew the codes by doubling; they stay for the daemon's life.
+        pairs.shrink_to_fit();
         loaded.pairs = pairs;
         loaded.info = Some(info);
         Ok(loaded)
