@@ -212,10 +212,10 @@ mod tests {
             }
         }
 
-        #[test]
         /// The buffer sized for the input agrees with encoding_rs's own
         /// one-call decode, half-width katakana (three bytes of UTF-8 from
         /// one) included, and is never grown.
+        #[test]
         fn shift_jis_decodes_like_encoding_rs_in_a_buffer_it_never_grows(
             text in "[a-z0-9,\nア漢ｱｲｳｴｵ]{0,60}"
         ) {

@@ -159,7 +159,7 @@ impl MappingVersion {
         }
     }
 
-    /// Every listed pair (external code, Smaregi id), in no particular order.
+    /// Every listed pair (external code, Smaregi id).
     pub fn pairs(&self) -> impl Iterator<Item = (&str, u64)> {
         self.pairs
             .entries()
