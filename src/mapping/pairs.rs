@@ -146,11 +146,20 @@ pub struct PairTable {
     by_id: HashTable<u32>,
 }
 
-/// Why a pair could not be added.
+/// Why a pair could not be added: which side was taken already.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Clash {
     Code,
     Id,
+}
+
+impl std::fmt::Display for Clash {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Code => "code",
+            Self::Id => "id",
+        })
+    }
 }
 
 fn hash_code(code: &str) -> u64 {
@@ -162,15 +171,6 @@ fn hash_id(id: u64) -> u64 {
 }
 
 impl PairTable {
-    /// Room for `pairs` pairs whose codes take `code_bytes` bytes together.
-    pub fn with_capacity(pairs: usize, code_bytes: usize) -> Self {
-        Self {
-            entries: Entries::with_capacity(pairs, code_bytes),
-            by_code: HashTable::with_capacity(pairs),
-            by_id: HashTable::with_capacity(pairs),
-        }
-    }
-
     /// Indexes `entries` in place, with room for `more` pairs besides;
     /// fails with the index of the first pair that repeats a code or an id.
     pub fn index(entries: Entries, more: usize) -> Result<Self, (usize, Clash)> {
@@ -254,18 +254,6 @@ impl PairTable {
         self.by_id
             .find(hash, |&i| self.entries.get(i as usize).smaregi_id == id)
             .map(|&i| i as usize)
-    }
-
-    /// Gives back what was reserved and not used: for tables that stay.
-    pub fn shrink_to_fit(&mut self) {
-        self.entries.shrink_to_fit();
-        let Self {
-            entries,
-            by_code,
-            by_id,
-        } = self;
-        by_code.shrink_to_fit(|&i| hash_code(entries.get(i as usize).external_code));
-        by_id.shrink_to_fit(|&i| hash_id(entries.get(i as usize).smaregi_id));
     }
 
     /// The id paired with `code`.
@@ -361,7 +349,7 @@ mod tests {
         /// the same rule, whatever the collisions.
         #[test]
         fn agrees_with_two_maps(pairs in proptest::collection::vec(("[a-c]{0,3}", 0u64..40), 0..200)) {
-            let mut table = PairTable::with_capacity(4, 4);
+            let mut table = PairTable::default();
             let (mut by_code, mut by_id) = (HashMap::new(), HashMap::new());
             for (code, id) in &pairs {
                 let expected = if by_code.contains_key(code) {

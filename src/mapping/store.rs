@@ -313,7 +313,7 @@ impl MappingStore {
         let mut pairs =
             PairTable::index(request.entries, kept.len()).map_err(|(index, clash)| {
                 MappingError::Internal(format!(
-                    "pair {index} of a checked file repeats its {clash:?}"
+                    "pair {index} of a checked file repeats an earlier pair's {clash}"
                 ))
             })?;
         for entry in kept.entries().iter() {
@@ -416,25 +416,26 @@ impl MappingStore {
             }
         };
         loaded.version = version;
-        let mut pairs = PairTable::with_capacity(info.entries as usize, 0);
-        let mut clashes = 0u64;
+        let mut entries = Entries::with_capacity(info.entries as usize, 0);
         for item in self.inner.entries.scan_prefix(u64_key(version)) {
             let (_, chunk) = store.check(item)?;
-            decode_chunk(&chunk, |code, id| {
-                clashes += u64::from(pairs.insert_new(code, id).is_err());
-            })
-            .map_err(|e| MappingError::Corrupt(format!("version {version}: {e}")))?;
+            decode_chunk(&chunk, |code, id| entries.push(id, code))
+                .map_err(|e| MappingError::Corrupt(format!("version {version}: {e}")))?;
         }
-        if pairs.len() as u64 != info.entries || clashes > 0 {
+        // Loading grew the codes by doubling; they stay for the daemon's life.
+        entries.shrink_to_fit();
+        let pairs = PairTable::index(entries, 0).map_err(|(index, clash)| {
+            MappingError::Corrupt(format!(
+                "version {version}: pair {index} repeats an earlier pair's {clash}"
+            ))
+        })?;
+        if pairs.len() as u64 != info.entries {
             return Err(MappingError::Corrupt(format!(
-                "version {version} should hold {} entries, but holds {} distinct pairs \
-                 and {clashes} that repeat a code or an id",
+                "version {version} should hold {} entries, but holds {}",
                 info.entries,
                 pairs.len(),
             )));
         }
-        // Loading grew the codes by doubling; they stay for the daemon's life.
-        pairs.shrink_to_fit();
         loaded.pairs = pairs;
         loaded.info = Some(info);
         Ok(loaded)
