@@ -203,3 +203,26 @@ async fn old_versions_are_pruned_but_never_the_current_one() {
     mapping.rollback(4).await.unwrap();
     assert_eq!(mapping.current().smaregi_id_for("C4"), Some("4".into()));
 }
+
+/// Chunks stay small enough that sled never writes a mapping leaf to a
+/// blob file (each would cost the commit a file and a directory sync).
+#[tokio::test]
+async fn a_large_import_writes_no_blob_files() {
+    let temp = tempfile::tempdir().unwrap();
+    let store = open(temp.path());
+    let mapping = MappingStore::open(&store, MappingFallback::Identity).unwrap();
+    let codes: Vec<String> = (0..100_000u64)
+        .map(|n| format!("EC-{:012x}", n.wrapping_mul(0x9E37_79B9_7F4A_7C15)))
+        .collect();
+    let pairs: Vec<(u64, &str)> = codes
+        .iter()
+        .enumerate()
+        .map(|(n, code)| (4_900_000_000_000 + n as u64, code.as_str()))
+        .collect();
+    mapping
+        .import(request(Format::FullReplacement, &pairs, "large.csv"))
+        .await
+        .unwrap();
+    assert_eq!(mapping.current().len(), 100_000);
+    assert_eq!(store.blob_files_synced(), 0);
+}

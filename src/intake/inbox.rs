@@ -43,7 +43,8 @@ use crate::store::keys::{decode_u64_key, u64_key, u64_pair_key};
 use crate::store::{Store, StoreError, TreeName};
 
 pub const INBOX: TreeName = TreeName::new("inbox");
-/// Keeps every value below sled's blob threshold (see the store's docs).
+/// Keeps every value well below the 128 KiB at which sled writes even a
+/// single value to a blob file (see the store's docs).
 pub const MAX_PART_BYTES: usize = 60 * 1024;
 /// A body up to this size is kept in its entry: what is left of a part
 /// for the entry's own fields, whose text is bounded (a parked reason at

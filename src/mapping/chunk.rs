@@ -2,14 +2,17 @@
 //! [`MAX_CHUNK_BYTES`], keyed by version and chunk number. Pure; no I/O.
 //!
 //! One sled record per entry made a 1,000,000-entry import cost a million
-//! tree inserts (and pruning a million removals); chunks make it about 700
-//! values of 32 KiB, well under the 64 KiB sled syncs inline.
+//! tree inserts (and pruning a million removals); chunks make it about
+//! 5,600 values of 4 KiB. Not larger: sled rewrites a leaf of about 17
+//! values in one piece, and a piece over 128 KiB becomes a blob file of its
+//! own, which costs the commit a file sync and a directory sync each (32 KiB
+//! chunks made a 1,000,000-entry import write hundreds of them).
 //!
 //! A chunk is a run of records: code length (u16 BE), code bytes (UTF-8),
 //! Smaregi id (u64 BE).
 
 /// The most bytes a chunk holds.
-pub const MAX_CHUNK_BYTES: usize = 32 * 1024;
+pub const MAX_CHUNK_BYTES: usize = 4 * 1024;
 
 /// A stored chunk does not decode.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

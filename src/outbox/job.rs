@@ -8,8 +8,9 @@
 
 use serde::{Deserialize, Serialize};
 
-/// A job record may not grow past this: sled writes larger values to blob
-/// files that its flush does not sync (see the store's module docs).
+/// A job record may not grow past this (payloads stay under 64 KiB), well
+/// below the 128 KiB at which sled writes even a single value to a blob file
+/// (see the store's module docs).
 pub const MAX_JOB_BYTES: usize = 60 * 1024;
 /// Attempts kept in a job's history; older ones are dropped.
 pub const MAX_HISTORY: usize = 10;

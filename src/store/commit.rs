@@ -35,6 +35,8 @@ pub enum CommitFailure {
     Flush(#[source] sled::Error),
     #[error("fdatasync of the database file failed: {0}")]
     Sync(#[source] std::io::Error),
+    #[error("syncing sled's blob files failed: {0}")]
+    SyncBlobs(#[source] std::io::Error),
     #[error("a database operation failed: {0}")]
     Operation(#[source] sled::Error),
     #[error("the committer thread panicked")]

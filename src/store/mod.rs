@@ -11,18 +11,23 @@
 //! [`Store::failed`] resolves, on which the daemon exits so that systemd
 //! restarts it and recovery starts from what is really on disk.
 //!
-//! Values must stay well under 64 KiB: sled writes larger values to blob
-//! files that its flush does not sync.
+//! sled writes any tree node larger than a quarter of a segment to a blob
+//! file of its own and never syncs it; the committer does ([`blobs`]).
+//! Values should still stay small (a few KiB): a leaf holds about 17 of
+//! them, and blobs cost a file, a sync and a directory sync each.
 
+mod blobs;
 mod commit;
 pub mod keys;
 
 use std::fs::{self, File, TryLockError};
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use blobs::BlobSyncer;
 pub use commit::CommitFailure;
 use commit::{GroupCommitter, Outcome};
 
@@ -147,6 +152,8 @@ pub struct Store {
 struct Inner {
     // Field order is drop order: the committer stops before the lock is released.
     committer: GroupCommitter,
+    /// sled blob files the committer has synced (see [`blobs`]).
+    blob_files_synced: Arc<AtomicU64>,
     /// How long callers of [`Store::commit`] waited.
     commit_latency: Histogram,
     db: sled::Db,
@@ -220,9 +227,14 @@ impl Store {
             }
         };
 
+        let blob_files_synced = Arc::new(AtomicU64::new(0));
         let committer = GroupCommitter::start({
             let db = db.clone();
+            let mut blobs = BlobSyncer::new(&directory);
+            let blob_files_synced = Arc::clone(&blob_files_synced);
             move || {
+                let synced = blobs.sync_new().map_err(CommitFailure::SyncBlobs)?;
+                blob_files_synced.fetch_add(synced as u64, Ordering::Relaxed);
                 db.flush().map_err(CommitFailure::Flush)?;
                 data_file.sync_data().map_err(CommitFailure::Sync)
             }
@@ -234,6 +246,7 @@ impl Store {
         Ok(Self {
             inner: Arc::new(Inner {
                 committer,
+                blob_files_synced,
                 commit_latency: Histogram::new(LATENCY_BUCKETS),
                 db,
                 directory,
@@ -324,6 +337,12 @@ impl Store {
     /// How many flush + fdatasync rounds commits have cost so far.
     pub fn sync_count(&self) -> u64 {
         self.inner.committer.sync_count()
+    }
+
+    /// How many of sled's blob files commits have synced: sled writes a
+    /// tree node larger than a quarter of a segment to a file of its own.
+    pub fn blob_files_synced(&self) -> u64 {
+        self.inner.blob_files_synced.load(Ordering::Relaxed)
     }
 
     /// Makes everything durable and stops the committer.
