@@ -11,9 +11,16 @@
 //!
 //! [`BlobSyncer::sync_new`] runs at the start of every commit round, before
 //! sled's flush: it lists `blobs/`, `fdatasync`s every file it has not yet
-//! synced at its current length, and then syncs the directory, so that both
-//! the blobs and their names are on disk before the log records that point
-//! to them are made durable.
+//! synced at its current length, and then syncs the directory. So a commit
+//! reports success only once the blobs of every write made before it, and
+//! their names, are on disk.
+//!
+//! What it cannot close: sled may write the log records that point to a
+//! blob before the next commit (every transaction writes the log out). A
+//! power cut in that window can leave a record pointing to a blob that never
+//! reached the disk, which sled reports as corruption when it reads that
+//! node. Only sled syncing its blobs before logging them would close it;
+//! keeping values small keeps blobs, and so the window, rare.
 //!
 //! It must never skip a file whose length changed since it was synced: a
 //! blob being written while the directory is listed is seen half-written,
