@@ -257,23 +257,18 @@ impl Ledger {
             echo: echo.clone(),
         })
         .expect("a send serialises");
-        let result = self.tree.transaction(|tx| {
-            tx.insert(key.clone(), &[])?;
-            if !echo.moves.is_empty() {
-                tx.insert(
-                    record(IN_FLIGHT, terminal, terminal_tran_id),
-                    in_flight.clone(),
-                )?;
-            }
-            Ok::<_, ConflictableTransactionError<LedgerError>>(())
-        });
-        match result {
-            Ok(()) => {}
-            Err(sled::transaction::TransactionError::Abort(e)) => return Err(e),
-            Err(sled::transaction::TransactionError::Storage(e)) => {
-                return Err(self.store.check::<()>(Err(e)).unwrap_err().into())
-            }
+        // Two plain writes, not a transaction: nothing is sent before the
+        // commit below makes both durable, and sled recovers a prefix of
+        // its log, so a crash can leave `I` without `S` (harmless: the
+        // next attempt writes both again) but never `S` without `I`. A
+        // sled 0.34 transaction would take sled's process-wide lock
+        // exclusively (waiting for any flush) and seal its log buffer twice.
+        if !echo.moves.is_empty() {
+            let in_flight_key = record(IN_FLIGHT, terminal, terminal_tran_id);
+            self.store
+                .check(self.tree.insert(in_flight_key, in_flight))?;
         }
+        self.store.check(self.tree.insert(key, &[]))?;
         self.store.commit().await?;
         Ok(())
     }
