@@ -251,12 +251,6 @@ impl Ledger {
         echo: &Echo,
         now: u64,
     ) -> Result<(), LedgerError> {
-        let key = record(SENDING, terminal, terminal_tran_id);
-        let in_flight = serde_json::to_vec(&InFlight {
-            since: now,
-            echo: echo.clone(),
-        })
-        .expect("a send serialises");
         // Two plain writes, not a transaction: nothing is sent before the
         // commit below makes both durable, and sled recovers a prefix of
         // its log, so a crash can leave `I` without `S` (harmless: the
@@ -264,10 +258,16 @@ impl Ledger {
         // sled 0.34 transaction would take sled's process-wide lock
         // exclusively (waiting for any flush) and seal its log buffer twice.
         if !echo.moves.is_empty() {
+            let in_flight = serde_json::to_vec(&InFlight {
+                since: now,
+                echo: echo.clone(),
+            })
+            .expect("a send serialises");
             let in_flight_key = record(IN_FLIGHT, terminal, terminal_tran_id);
             self.store
                 .check(self.tree.insert(in_flight_key, in_flight))?;
         }
+        let key = record(SENDING, terminal, terminal_tran_id);
         self.store.check(self.tree.insert(key, &[]))?;
         self.store.commit().await?;
         Ok(())
