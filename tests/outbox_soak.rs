@@ -1,11 +1,16 @@
 //! Soak: enqueue → complete cycles through the queue on a real store,
 //! with the pruning the engine does, while a steady backlog waits.
 //!
-//! What it holds the store to: the space of pruned jobs is reused, so the
-//! files grow less in the second half of the run than in the first (they
-//! converge rather than grow with the work done), and pruned jobs leave
-//! nothing behind in the counts. It prints the ratio of the files' size to
-//! the live data, which the README reports against the 3× target.
+//! What it holds the store to: the space of pruned jobs is reused, so in
+//! the second half of the run the files grow by a small part of what sled
+//! writes to them (a log that did not reuse space would grow by all of
+//! it), and pruned jobs leave nothing behind in the counts. It prints the
+//! ratio of the files' size to the live data, which the README reports
+//! against the 3× target.
+//!
+//! Not compared: the growth of the two halves with each other. When sled
+//! cleans a segment depends on timing, and a run in which the second half
+//! grew 63 % as much as the first was no leak.
 //!
 //! The default run does 100,000 cycles; the opt-in campaign 1,000,000:
 //! `cargo test --release --locked --test outbox_soak -- --ignored --nocapture`.
@@ -38,6 +43,17 @@ fn job(key: String) -> NewJob {
     }
 }
 
+/// Bytes this process has handed to `write`-like calls so far (`wchar`
+/// of `/proc/self/io`): what sled wrote to its files, and little else.
+fn bytes_written() -> u64 {
+    std::fs::read_to_string("/proc/self/io")
+        .unwrap()
+        .lines()
+        .find_map(|line| line.strip_prefix("wchar:"))
+        .and_then(|n| n.trim().parse().ok())
+        .expect("wchar in /proc/self/io")
+}
+
 /// The bytes of every key and value in every tree.
 fn live_bytes(directory: &Path) -> u64 {
     let db = common::open_raw_sled(directory);
@@ -67,6 +83,7 @@ async fn soak(cycles: u64) {
     store.commit().await.unwrap();
     let at_start = store.size_on_disk().unwrap();
     let mut at_half = 0;
+    let mut written_at_half = 0;
 
     let mut completed = 0;
     for cycle in 1..=cycles {
@@ -87,6 +104,7 @@ async fn soak(cycles: u64) {
         }
         if cycle == cycles / 2 {
             at_half = store.size_on_disk().unwrap();
+            written_at_half = bytes_written();
         }
     }
     queue.prune_finished(u64::MAX, usize::MAX).unwrap();
@@ -102,26 +120,29 @@ async fn soak(cycles: u64) {
     assert_eq!(completed, cycles);
     assert_eq!(counts.len(), 1, "pruned jobs leave no count: {counts:?}");
     let on_disk = store.size_on_disk().unwrap();
+    let written = bytes_written() - written_at_half;
     store.close().await.unwrap();
     drop((queue, store));
 
     let live = live_bytes(temp.path());
     let mib = |bytes: u64| bytes as f64 / (1024.0 * 1024.0);
+    let grown = on_disk.saturating_sub(at_half);
     println!(
         "{cycles} cycles with {BACKLOG} jobs waiting: {:.1} MiB on disk before, {:.1} MiB half-way, \
-         {:.1} MiB at the end, for {:.1} MiB of live data ({:.2}×)",
+         {:.1} MiB at the end, for {:.1} MiB of live data ({:.2}×); in the second half sled wrote \
+         {:.1} MiB and the files grew {:.1} MiB",
         mib(at_start),
         mib(at_half),
         mib(on_disk),
         mib(live),
-        on_disk as f64 / live as f64
+        on_disk as f64 / live as f64,
+        mib(written),
+        mib(grown),
     );
-    let first_half = at_half.saturating_sub(at_start);
-    let second_half = on_disk.saturating_sub(at_half);
     assert!(
-        second_half <= first_half / 2,
-        "the store grew {second_half} bytes in the second half of the run, \
-         {first_half} in the first: it does not converge"
+        grown <= written / 4,
+        "in the second half of the run the store grew {grown} bytes of the {written} written \
+         to it: the space of pruned jobs is not reused"
     );
 }
 
