@@ -95,7 +95,7 @@ fn child(step: &str, file: &Path) {
             let bytes = std::fs::read(file).unwrap();
             let checked = check::check(bytes, &rules);
             assert!(checked.accepted(), "{:?}", checked.errors.first());
-            assert_eq!(checked.entries.len() as u64, ROWS);
+            assert_eq!(checked.pairs.len() as u64, ROWS);
             println!("{} {}", started.elapsed().as_secs_f64(), peak_rss_kib());
         }
         "import" => {
@@ -220,7 +220,7 @@ fn main() {
     group.bench_function("bare_csv_parse", |b| b.iter(|| bare_parse(&bytes)));
     let rules = Rules::default();
     group.bench_function("check", |b| {
-        b.iter(|| check::check(bytes.clone(), &rules).entries.len())
+        b.iter(|| check::check(bytes.clone(), &rules).pairs.len())
     });
     group.finish();
     criterion.final_summary();

@@ -2,6 +2,7 @@
 
 use smaregi_relay::config::MappingFallback;
 use smaregi_relay::mapping::check::Format;
+use smaregi_relay::mapping::pairs::PairTable;
 use smaregi_relay::mapping::store::{ImportRequest, VersionSource, MAPPING_ENTRIES, VERSIONS_KEPT};
 use smaregi_relay::mapping::{MappingError, MappingStore};
 use smaregi_relay::store::Store;
@@ -11,7 +12,7 @@ mod common;
 fn request(format: Format, pairs: &[(u64, &str)], name: &str) -> ImportRequest {
     ImportRequest {
         format,
-        entries: pairs.iter().copied().collect(),
+        pairs: PairTable::index(pairs.iter().copied().collect(), 0).expect("unique pairs"),
         source: VersionSource::File {
             file_name: name.into(),
             sha256: "00".repeat(32),

@@ -309,7 +309,7 @@ mod tests {
         let checked = check::check_text(&mapping_csv(), &check::Rules::default());
         assert!(checked.accepted(), "{:?}", checked.errors);
         assert!(checked.warnings.is_empty(), "{:?}", checked.warnings);
-        assert_eq!(checked.entries.len(), PRODUCTS.len());
+        assert_eq!(checked.pairs.len(), PRODUCTS.len());
     }
 
     #[test]

@@ -7,6 +7,8 @@
 
 use crate::config::MappingConfig;
 
+use std::borrow::Cow;
+
 use super::decode::{self, DecodeError, TextEncoding};
 
 /// What a file may hold.
@@ -54,7 +56,8 @@ impl Format {
     }
 }
 
-pub use super::pairs::{Entries, Entry};
+use super::pairs::Clash;
+pub use super::pairs::{Entries, Entry, PairTable};
 
 /// A column of the file: its position and its header as written.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -181,8 +184,8 @@ pub enum ProblemKind {
 pub struct Checked {
     pub encoding: Option<TextEncoding>,
     pub format: Option<Format>,
-    /// The entries to apply; empty when there are errors.
-    pub entries: Entries,
+    /// The pairs to apply, indexed; empty when there are errors.
+    pub pairs: PairTable,
     /// Non-empty rows after the header.
     pub data_rows: u64,
     /// Upsert rows whose flag is not TRUE.
@@ -221,7 +224,7 @@ impl Checked {
         Self {
             encoding: None,
             format: None,
-            entries: Entries::default(),
+            pairs: PairTable::default(),
             data_rows: 0,
             skipped_rows: 0,
             errors: Vec::new(),
@@ -416,72 +419,348 @@ fn recognise(headers: &[String]) -> Result<Layout, Vec<Problem>> {
 
 /// Checks a whole file's bytes.
 pub fn check(bytes: Vec<u8>, rules: &Rules) -> Checked {
-    let checked = Checked::empty();
+    check_beside(bytes, rules, |_| ()).0
+}
+
+/// Checks a whole file's bytes, and runs `beside` over them on another
+/// thread meanwhile (the import's digest): it is done by the time the
+/// text is decoded, so that a decoded file's bytes are freed before its
+/// rows are read.
+pub fn check_beside<R: Send>(
+    bytes: Vec<u8>,
+    rules: &Rules,
+    beside: impl FnOnce(&[u8]) -> R + Send,
+) -> (Checked, R) {
+    let (decoded, beside) = std::thread::scope(|scope| {
+        let beside = scope.spawn(|| beside(&bytes));
+        let decoded = decode_within(&bytes, rules);
+        let beside = beside
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        (decoded, beside)
+    });
+    let (scanned, encoding) = match decoded {
+        Err(checked) => return (*checked, beside),
+        Ok((Cow::Owned(text), encoding)) => {
+            drop(bytes);
+            // The rows own what they need: the text's memory can hold the
+            // indices.
+            (scan_text(&text, rules), encoding)
+        }
+        Ok((Cow::Borrowed(text), encoding)) => (scan_text(text, rules), encoding),
+    };
+    let mut checked = scanned.map_or_else(|checked| *checked, Scanned::finish);
+    checked.encoding = Some(encoding);
+    (checked, beside)
+}
+
+/// A file's text, or why it has none we read.
+fn decode_within<'b>(
+    bytes: &'b [u8],
+    rules: &Rules,
+) -> Result<(Cow<'b, str>, TextEncoding), Box<Checked>> {
     let size = bytes.len() as u64;
     if size > rules.max_file_bytes {
-        return checked.file_error(ProblemKind::TooLarge {
+        return Err(Box::new(Checked::file_problem(ProblemKind::TooLarge {
             size,
             max: rules.max_file_bytes,
-        });
+        })));
     }
-    let (text, encoding) = match decode::decode(bytes) {
-        Ok(decoded) => decoded,
-        Err(e) => {
-            let (line, kind) = match e {
-                DecodeError::Binary => (None, ProblemKind::Binary),
-                DecodeError::Utf16 => (None, ProblemKind::Utf16),
-                DecodeError::Undecodable { line, tried } => {
-                    (Some(line), ProblemKind::Undecodable { tried })
-                }
-            };
-            let mut checked = checked;
-            checked.push(Problem {
-                severity: Severity::Error,
-                line,
-                column: None,
-                value: None,
-                kind,
-            });
-            return checked;
-        }
-    };
-    let mut checked = check_text(&text, rules);
-    checked.encoding = Some(encoding);
-    checked
+    decode::decode(bytes).map_err(|e| {
+        let (line, kind) = match e {
+            DecodeError::Binary => (None, ProblemKind::Binary),
+            DecodeError::Utf16 => (None, ProblemKind::Utf16),
+            DecodeError::Undecodable { line, tried } => {
+                (Some(line), ProblemKind::Undecodable { tried })
+            }
+        };
+        let mut checked = Checked::empty();
+        checked.push(Problem {
+            severity: Severity::Error,
+            line,
+            column: None,
+            value: None,
+            kind,
+        });
+        Box::new(checked)
+    })
 }
 
 /// The entries of the rows read so far, and the line of each.
 #[derive(Default)]
 struct Rows {
     entries: Entries,
-    lines: Vec<u64>,
+    lines: RowLines,
+}
+
+/// The line of each row, kept as runs of rows on consecutive lines: a
+/// million rows of a file without blank lines take one run, not 8 MB.
+#[derive(Default)]
+struct RowLines {
+    /// The first row of each run, and its line.
+    runs: Vec<(usize, u64)>,
+    rows: usize,
+}
+
+impl RowLines {
+    fn push(&mut self, line: u64) {
+        let continues = self
+            .runs
+            .last()
+            .is_some_and(|&(first, first_line)| first_line + (self.rows - first) as u64 == line);
+        if !continues {
+            self.runs.push((self.rows, line));
+        }
+        self.rows += 1;
+    }
+
+    /// # Panics
+    /// When there is no row `row`.
+    fn get(&self, row: usize) -> u64 {
+        assert!(row < self.rows, "row {row} of {}", self.rows);
+        let run = self.runs.partition_point(|&(first, _)| first <= row) - 1;
+        let (first, first_line) = self.runs[run];
+        first_line + (row - first) as u64
+    }
+
+    /// Keeps the rows `keep` accepts, in order.
+    fn retain(&mut self, mut keep: impl FnMut(usize) -> bool) {
+        let mut kept = Self::default();
+        for row in (0..self.rows).filter(|&row| keep(row)) {
+            kept.push(self.get(row));
+        }
+        *self = kept;
+    }
 }
 
 /// Checks decoded text.
+///
+/// Text without a double quote has no quoted fields, and is split by a
+/// reader of its own ([`PlainRecords`]), several times faster than the
+/// csv crate's; it gives the same records on the same lines (a test
+/// holds it to that). Anything else is read by the csv crate.
 pub fn check_text(text: &str, rules: &Rules) -> Checked {
+    scan_text(text, rules).map_or_else(|checked| *checked, Scanned::finish)
+}
+
+/// Reads and checks every row of `text`; what it finds is complete
+/// without the text. A check that already ended is the error.
+fn scan_text(text: &str, rules: &Rules) -> Result<Scanned, Box<Checked>> {
+    if text.as_bytes().contains(&b'"') {
+        scan_records(CsvRecords::new(text), text, rules)
+    } else {
+        scan_records(PlainRecords::new(text), text, rules)
+    }
+}
+
+/// A file's records, one at a time, skipping nothing.
+trait Records {
+    type Record: Fields;
+    /// Moves to the next record; the physical line it starts on, or
+    /// `None` at the end of the text.
+    fn advance(&mut self) -> Option<u64>;
+    /// The record [`Self::advance`] moved to.
+    fn record(&self) -> &Self::Record;
+}
+
+/// The fields of one record.
+trait Fields {
+    fn len(&self) -> usize;
+    /// Field `index`, if the record has it.
+    fn get(&self, index: usize) -> Option<&str>;
+
+    fn fields(&self) -> impl Iterator<Item = &str> {
+        (0..self.len()).filter_map(|index| self.get(index))
+    }
+
+    /// Nothing but spaces in any field: an empty line, or `,,`.
+    fn is_blank(&self) -> bool {
+        self.fields()
+            .all(|field| field.bytes().all(|b| b.is_ascii_whitespace()))
+    }
+}
+
+/// Records read by the csv crate: any CSV, quoted fields too.
+struct CsvRecords<'t> {
+    reader: csv::Reader<&'t [u8]>,
+    record: csv::ByteRecord,
+    lines: LineCounter<'t>,
+}
+
+impl<'t> CsvRecords<'t> {
+    fn new(text: &'t str) -> Self {
+        Self {
+            reader: csv::ReaderBuilder::new()
+                .has_headers(false)
+                .flexible(true)
+                .from_reader(text.as_bytes()),
+            record: csv::ByteRecord::new(),
+            lines: LineCounter::new(text),
+        }
+    }
+}
+
+impl Records for CsvRecords<'_> {
+    type Record = csv::ByteRecord;
+
+    fn advance(&mut self) -> Option<u64> {
+        // Decoded text is valid UTF-8, and a flexible reader has no other errors.
+        match self.reader.read_byte_record(&mut self.record) {
+            Ok(true) => Some(self.lines.line_at(&self.record)),
+            Ok(false) | Err(_) => None,
+        }
+    }
+
+    fn record(&self) -> &csv::ByteRecord {
+        &self.record
+    }
+}
+
+/// Fields split from UTF-8 text at ASCII delimiters are UTF-8.
+impl Fields for csv::ByteRecord {
+    fn len(&self) -> usize {
+        csv::ByteRecord::len(self)
+    }
+
+    fn get(&self, index: usize) -> Option<&str> {
+        csv::ByteRecord::get(self, index)
+            .map(|field| std::str::from_utf8(field).expect("decoded text is UTF-8"))
+    }
+}
+
+/// Records of text without a double quote: what the csv crate reads in
+/// it, found by looking for commas and line breaks only. As in the csv
+/// crate, a record ends at `\n`, `\r\n` or a lone `\r`, empty lines are no
+/// records, and a byte-order mark that starts the text is not read; lines
+/// are counted by `\n`, as [`LineCounter`] counts them.
+struct PlainRecords<'t> {
+    text: &'t str,
+    /// Where the rest of the text starts.
+    offset: usize,
+    /// The line `offset` is on.
+    line: u64,
+    record: PlainRecord<'t>,
+}
+
+/// One record of [`PlainRecords`]: its text and where each field ends.
+struct PlainRecord<'t> {
+    text: &'t str,
+    /// The byte after each field but the last; a comma.
+    commas: Vec<usize>,
+}
+
+impl<'t> PlainRecords<'t> {
+    fn new(text: &'t str) -> Self {
+        Self {
+            text,
+            offset: if text.starts_with('\u{FEFF}') { 3 } else { 0 },
+            line: 1,
+            record: PlainRecord {
+                text: "",
+                commas: Vec::new(),
+            },
+        }
+    }
+}
+
+impl<'t> Records for PlainRecords<'t> {
+    type Record = PlainRecord<'t>;
+
+    fn advance(&mut self) -> Option<u64> {
+        let bytes = self.text.as_bytes();
+        // Line breaks before the record: no records of their own.
+        while let Some(&b) = bytes.get(self.offset) {
+            match b {
+                b'\n' => self.line += 1,
+                b'\r' => {}
+                _ => break,
+            }
+            self.offset += 1;
+        }
+        if self.offset == bytes.len() {
+            return None;
+        }
+        let start = self.offset;
+        let commas = &mut self.record.commas;
+        commas.clear();
+        let mut end = start;
+        while let Some(&b) = bytes.get(end) {
+            match b {
+                b',' => commas.push(end - start),
+                b'\n' | b'\r' => break,
+                _ => {}
+            }
+            end += 1;
+        }
+        // Commas and line breaks are ASCII: these are character boundaries.
+        self.record.text = &self.text[start..end];
+        self.offset = end;
+        Some(self.line)
+    }
+
+    fn record(&self) -> &PlainRecord<'t> {
+        &self.record
+    }
+}
+
+impl Fields for PlainRecord<'_> {
+    fn len(&self) -> usize {
+        self.commas.len() + 1
+    }
+
+    fn get(&self, index: usize) -> Option<&str> {
+        let start = match index {
+            0 => 0,
+            _ => *self.commas.get(index - 1)? + 1,
+        };
+        let end = self.commas.get(index).copied().unwrap_or(self.text.len());
+        Some(&self.text[start..end])
+    }
+}
+
+/// A file's rows, each read and checked: what is left are the checks
+/// across rows.
+struct Scanned {
+    checked: Checked,
+    rows: Rows,
+    layout: Layout,
+}
+
+impl Scanned {
+    fn finish(self) -> Checked {
+        let Self {
+            mut checked,
+            mut rows,
+            layout,
+        } = self;
+        let pairs = find_duplicates(&mut rows, &layout, &mut checked);
+        let entries = pairs.as_ref().map_or(&rows.entries, PairTable::entries);
+        find_lost_leading_zeros(entries, &rows.lines, &layout, &mut checked);
+        if checked.accepted() {
+            checked.pairs = pairs.expect("without errors, no pair clashes with another");
+        }
+        checked
+    }
+}
+
+/// Reads and checks the records of a file's text, one by one.
+fn scan_records(
+    mut records: impl Records,
+    text: &str,
+    rules: &Rules,
+) -> Result<Scanned, Box<Checked>> {
     let mut checked = Checked::empty();
-    let mut reader = csv::ReaderBuilder::new()
-        .has_headers(false)
-        .flexible(true)
-        .from_reader(text.as_bytes());
-    let mut record = csv::ByteRecord::new();
-    let mut lines = LineCounter::new(text);
 
     // The header: the first row with anything in it.
     let (header_line, layout) = loop {
-        match reader.read_byte_record(&mut record) {
-            Ok(true) => {}
-            // Decoded text is valid UTF-8, and a flexible reader has no other errors.
-            Ok(false) | Err(_) => return checked.file_error(ProblemKind::NoHeader),
-        }
-        if is_blank(&record) {
+        let Some(line) = records.advance() else {
+            return Err(Box::new(checked.file_error(ProblemKind::NoHeader)));
+        };
+        let record = records.record();
+        if record.is_blank() {
             continue;
         }
-        let headers: Vec<String> = record
-            .iter()
-            .map(|field| String::from_utf8_lossy(field).into_owned())
-            .collect();
-        let line = lines.line_at(&record);
+        let headers: Vec<String> = record.fields().map(str::to_owned).collect();
         match recognise(&headers) {
             Ok(layout) => break (line, layout),
             Err(problems) => {
@@ -489,7 +768,7 @@ pub fn check_text(text: &str, rules: &Rules) -> Checked {
                     problem.line = Some(line);
                     checked.push(problem);
                 }
-                return checked;
+                return Err(Box::new(checked));
             }
         }
     };
@@ -505,14 +784,16 @@ pub fn check_text(text: &str, rules: &Rules) -> Checked {
         .min(rules.max_rows as usize);
     let mut rows = Rows {
         entries: Entries::with_capacity(estimated, text.len()),
-        lines: Vec::with_capacity(estimated),
+        lines: RowLines::default(),
     };
-    while reader.read_byte_record(&mut record).unwrap_or(false) {
-        if is_blank(&record) {
+    let code_rule = CodeRule::new(rules);
+    while let Some(line) = records.advance() {
+        let record = records.record();
+        if record.is_blank() {
             continue;
         }
         checked.data_rows += 1;
-        let line = lines.line_at(&record) - line_offset;
+        let line = line - line_offset;
         if checked.data_rows > rules.max_rows {
             checked.push(Problem {
                 severity: Severity::Error,
@@ -525,18 +806,17 @@ pub fn check_text(text: &str, rules: &Rules) -> Checked {
             });
             break;
         }
-        if let Some(entry) = check_row(&record, line, &layout, rules, &mut checked) {
+        if let Some(entry) = check_row(record, line, &layout, &code_rule, &mut checked) {
             rows.entries.push(entry.smaregi_id, entry.external_code);
             rows.lines.push(line);
         }
     }
 
-    find_duplicates(&mut rows, &layout, &mut checked);
-    find_lost_leading_zeros(&rows, &layout, &mut checked);
-    if checked.accepted() {
-        checked.entries = rows.entries;
-    }
-    checked
+    Ok(Scanned {
+        checked,
+        rows,
+        layout,
+    })
 }
 
 /// Physical line numbers from records' byte offsets (the csv crate's own
@@ -574,25 +854,50 @@ impl<'a> LineCounter<'a> {
     }
 }
 
-fn is_blank(record: &csv::ByteRecord) -> bool {
-    record
-        .iter()
-        .all(|field| field.iter().all(|b| b.is_ascii_whitespace()))
+/// The external-code rule, with the common case decided by a table.
+struct CodeRule<'r> {
+    rules: &'r Rules,
+    /// ASCII bytes a code may hold whatever their neighbours: letters,
+    /// digits and the configured symbols, but never a space (the rule of
+    /// edge spaces) nor `+` (the rule of scientific notation).
+    plain: [bool; 128],
+}
+
+impl<'r> CodeRule<'r> {
+    fn new(rules: &'r Rules) -> Self {
+        let mut plain = [false; 128];
+        for (byte, plain) in (0u8..).zip(plain.iter_mut()) {
+            let c = char::from(byte);
+            *plain = (c.is_ascii_alphanumeric() || rules.code_symbols.contains(c))
+                && !c.is_ascii_whitespace()
+                && c != '+';
+        }
+        Self { rules, plain }
+    }
+
+    /// [`check_external_code`], answered at once for a code of plain bytes.
+    fn check(&self, value: &str) -> Result<(), ProblemKind> {
+        let bytes = value.as_bytes();
+        let plain = (1..=self.rules.code_max_length).contains(&bytes.len())
+            && bytes
+                .iter()
+                .all(|&b| self.plain.get(usize::from(b)).copied().unwrap_or(false));
+        if plain {
+            Ok(())
+        } else {
+            check_external_code(value, self.rules)
+        }
+    }
 }
 
 /// Checks one data row; its entry when it has one to apply.
 fn check_row<'r>(
-    record: &'r csv::ByteRecord,
+    record: &'r impl Fields,
     line: u64,
     layout: &Layout,
-    rules: &Rules,
+    code_rule: &CodeRule<'_>,
     checked: &mut Checked,
 ) -> Option<Entry<'r>> {
-    let field = |column: &Column| {
-        record
-            .get(column.index)
-            .map(|f| std::str::from_utf8(f).expect("decoded text is UTF-8"))
-    };
     let mut row_error = |column: Option<&Column>, value: Option<&str>, kind| {
         checked.push(Problem {
             severity: Severity::Error,
@@ -621,9 +926,9 @@ fn check_row<'r>(
     }
     if layout.format == Format::FullReplacement {
         let extra_filled = record
-            .iter()
+            .fields()
             .skip(layout.width)
-            .any(|f| !f.iter().all(|b| b.is_ascii_whitespace()));
+            .any(|f| !f.bytes().all(|b| b.is_ascii_whitespace()));
         if extra_filled {
             row_error(
                 None,
@@ -637,7 +942,7 @@ fn check_row<'r>(
         }
     }
     if let Some(flag_column) = &layout.flag {
-        let flag = field(flag_column).unwrap_or("");
+        let flag = record.get(flag_column.index).unwrap_or("");
         match to_half_width(flag).trim().to_ascii_lowercase().as_str() {
             "true" | "1" => {}
             "false" | "0" | "" => {
@@ -650,8 +955,8 @@ fn check_row<'r>(
             }
         }
     }
-    let id_text = field(&layout.id).unwrap_or("");
-    let code = field(&layout.code).unwrap_or("");
+    let id_text = record.get(layout.id.index).unwrap_or("");
+    let code = record.get(layout.code.index).unwrap_or("");
     let id = match check_smaregi_id(id_text) {
         Ok(id) => Some(id),
         Err(kind) => {
@@ -659,7 +964,7 @@ fn check_row<'r>(
             None
         }
     };
-    let code_ok = match check_external_code(code, rules) {
+    let code_ok = match code_rule.check(code) {
         Ok(()) => true,
         Err(kind) => {
             row_error(Some(&layout.code), Some(code), kind);
@@ -677,6 +982,12 @@ fn check_row<'r>(
 
 /// A Smaregi 商品ID: 1–15 half-width digits, nothing around them.
 pub fn check_smaregi_id(value: &str) -> Result<u64, ProblemKind> {
+    // The common case, at once.
+    if (1..=15).contains(&value.len()) && value.bytes().all(|b| b.is_ascii_digit()) {
+        return Ok(value
+            .bytes()
+            .fold(0, |id, digit| id * 10 + u64::from(digit - b'0')));
+    }
     if value.is_empty() {
         return Err(ProblemKind::Empty);
     }
@@ -694,10 +1005,8 @@ pub fn check_smaregi_id(value: &str) -> Result<u64, ProblemKind> {
     if !value.bytes().all(|b| b.is_ascii_digit()) {
         return Err(ProblemKind::IdNotDigits);
     }
-    if value.len() > 15 {
-        return Err(ProblemKind::IdTooLong);
-    }
-    Ok(value.parse().expect("1 to 15 digits fit in a u64"))
+    // Digits, more than 15 of them.
+    Err(ProblemKind::IdTooLong)
 }
 
 /// An external code: 1 to `code_max_length` of half-width letters,
@@ -734,101 +1043,84 @@ pub fn check_external_code(value: &str, rules: &Rules) -> Result<(), ProblemKind
 /// One id to two codes, or one code to two ids: an error naming both
 /// lines. The same pair twice is a warning, and kept once.
 ///
-/// By sorting row numbers (4 bytes a row) rather than hashing entries:
-/// a million rows stay cheap in memory.
-fn find_duplicates(rows: &mut Rows, layout: &Layout, checked: &mut Checked) {
-    let entries = &rows.entries;
-    let mut problems: Vec<Problem> = Vec::new();
-    let mut repeated = vec![false; entries.len()];
-    let mut order: Vec<u32> = (0..entries.len() as u32).collect();
-
-    // Stable sorts: within a group, the first row of the file comes first.
-    order.sort_by_key(|&i| entries.get(i as usize).smaregi_id);
-    for group in order
-        .chunk_by(|&a, &b| entries.get(a as usize).smaregi_id == entries.get(b as usize).smaregi_id)
+/// By indexing the pairs both ways, as the version will be: the indexed
+/// pairs, unless some clash. Their rows' entries are then left in `rows`,
+/// without the pairs given twice.
+fn find_duplicates(rows: &mut Rows, layout: &Layout, checked: &mut Checked) -> Option<PairTable> {
+    let (entries, repeats) = match PairTable::index_or_repeats(std::mem::take(&mut rows.entries), 0)
     {
-        let first = group[0] as usize;
-        for &i in &group[1..] {
-            let i = i as usize;
-            let (entry, first_entry) = (entries.get(i), entries.get(first));
-            if entry.external_code == first_entry.external_code {
-                repeated[i] = true;
-                problems.push(Problem {
+        Ok(pairs) => return Some(pairs),
+        Err(unindexed) => unindexed,
+    };
+    let lines = &rows.lines;
+    let mut repeated = vec![false; entries.len()];
+    let mut clashes = false;
+    // In file order, a row's id before its code.
+    for repeat in repeats {
+        let (index, first) = (repeat.index, repeat.first);
+        let (entry, first_entry) = (entries.get(index), entries.get(first));
+        let problem = match repeat.side {
+            Clash::Id if entry.external_code == first_entry.external_code => {
+                repeated[index] = true;
+                Problem {
                     severity: Severity::Warning,
-                    line: Some(rows.lines[i]),
+                    line: Some(lines.get(index)),
                     column: None,
                     value: Some(format!("{},{}", entry.smaregi_id, entry.external_code)),
                     kind: ProblemKind::PairTwice {
-                        first_line: rows.lines[first],
+                        first_line: lines.get(first),
                     },
-                });
-            } else {
-                problems.push(Problem {
-                    severity: Severity::Error,
-                    line: Some(rows.lines[i]),
-                    column: Some(layout.id.clone()),
-                    value: Some(entry.smaregi_id.to_string()),
-                    kind: ProblemKind::IdTwice {
-                        first_line: rows.lines[first],
-                        first_code: first_entry.external_code.to_string(),
-                    },
-                });
+                }
             }
-        }
-    }
-    order.sort_by(|&a, &b| {
-        entries
-            .get(a as usize)
-            .external_code
-            .cmp(entries.get(b as usize).external_code)
-    });
-    for group in order.chunk_by(|&a, &b| {
-        entries.get(a as usize).external_code == entries.get(b as usize).external_code
-    }) {
-        let first = group[0] as usize;
-        for &i in &group[1..] {
-            let i = i as usize;
-            if repeated[i] {
-                continue;
-            }
-            problems.push(Problem {
+            Clash::Id => Problem {
                 severity: Severity::Error,
-                line: Some(rows.lines[i]),
-                column: Some(layout.code.clone()),
-                value: Some(entries.get(i).external_code.to_string()),
-                kind: ProblemKind::CodeTwice {
-                    first_line: rows.lines[first],
-                    first_id: entries.get(first).smaregi_id,
+                line: Some(lines.get(index)),
+                column: Some(layout.id.clone()),
+                value: Some(entry.smaregi_id.to_string()),
+                kind: ProblemKind::IdTwice {
+                    first_line: lines.get(first),
+                    first_code: first_entry.external_code.to_string(),
                 },
-            });
-        }
-    }
-    drop(order);
-    // In file order, ids before codes on the same line.
-    problems.sort_by_key(|p| {
-        (
-            p.line,
-            p.column.as_ref().map(|c| c.index != layout.id.index),
-        )
-    });
-    for problem in problems {
+            },
+            // Its code was named with its id.
+            Clash::Code if repeated[index] => continue,
+            Clash::Code => Problem {
+                severity: Severity::Error,
+                line: Some(lines.get(index)),
+                column: Some(layout.code.clone()),
+                value: Some(entry.external_code.to_string()),
+                kind: ProblemKind::CodeTwice {
+                    first_line: lines.get(first),
+                    first_id: first_entry.smaregi_id,
+                },
+            },
+        };
+        clashes |= problem.severity == Severity::Error;
         checked.push(problem);
     }
-    if repeated.contains(&true) {
-        rows.entries.retain(|index| !repeated[index]);
-        let mut keep = repeated.iter().map(|r| !r);
-        rows.lines.retain(|_| keep.next().unwrap_or(true));
+    let mut entries = entries;
+    entries.retain(|index| !repeated[index]);
+    rows.lines.retain(|row| !repeated[row]);
+    if clashes {
+        rows.entries = entries;
+        return None;
     }
+    Some(PairTable::index(entries, 0).expect("pairs without clashes index"))
 }
 
 /// Codes that are all digits and shorter than the length most such codes
 /// of the file have: Excel drops leading zeros of numbers.
-fn find_lost_leading_zeros(rows: &Rows, layout: &Layout, checked: &mut Checked) {
+fn find_lost_leading_zeros(
+    entries: &Entries,
+    lines: &RowLines,
+    layout: &Layout,
+    checked: &mut Checked,
+) {
     let is_number = |code: &str| code.bytes().all(|b| b.is_ascii_digit());
     // Codes are at most 255 characters long.
     let mut lengths = [0u64; 256];
     let mut numeric = 0u64;
-    for entry in rows.entries.iter() {
+    for entry in entries.iter() {
         if is_number(entry.external_code) {
             numeric += 1;
             lengths[entry.external_code.len().min(255)] += 1;
@@ -845,12 +1137,12 @@ fn find_lost_leading_zeros(rows: &Rows, layout: &Layout, checked: &mut Checked) 
     if numeric < 3 || count * 2 <= numeric {
         return;
     }
-    for (entry, line) in rows.entries.iter().zip(&rows.lines) {
+    for (row, entry) in entries.iter().enumerate() {
         let code = entry.external_code;
         if code.len() < usual_length && is_number(code) {
             checked.push(Problem {
                 severity: Severity::Warning,
-                line: Some(*line),
+                line: Some(lines.get(row)),
                 column: Some(layout.code.clone()),
                 value: Some(code.to_string()),
                 kind: ProblemKind::LostLeadingZeros { usual_length },
@@ -877,7 +1169,8 @@ mod tests {
 
     fn pairs(checked: &Checked) -> Vec<(u64, &str)> {
         checked
-            .entries
+            .pairs
+            .entries()
             .iter()
             .map(|e| (e.smaregi_id, e.external_code))
             .collect()
@@ -940,7 +1233,7 @@ mod tests {
         let checked = run("smaregi-id,external-code\r\n");
         assert!(checked.accepted());
         assert_eq!(checked.format, Some(Format::FullReplacement));
-        assert!(checked.entries.is_empty());
+        assert!(checked.pairs.is_empty());
     }
 
     #[test]
@@ -981,7 +1274,7 @@ mod tests {
                 (Some(4), Some(1), &ProblemKind::EdgeSpaces),
             ]
         );
-        assert!(checked.entries.is_empty());
+        assert!(checked.pairs.is_empty());
     }
 
     #[test]
@@ -1124,7 +1417,7 @@ mod tests {
                 &ProblemKind::LostLeadingZeros { usual_length: 13 }
             )]
         );
-        assert_eq!(checked.entries.len(), 4);
+        assert_eq!(checked.pairs.len(), 4);
     }
 
     #[test]
@@ -1332,7 +1625,133 @@ mod tests {
         }
     }
 
+    /// Everything a check found, for comparing two checks.
+    fn findings(checked: &Checked) -> String {
+        let pairs: Vec<(u64, &str)> = pairs(checked);
+        format!(
+            "{:?} {pairs:?} rows {} skipped {} errors {:?} +{} warnings {:?} +{}",
+            checked.format,
+            checked.data_rows,
+            checked.skipped_rows,
+            checked.errors,
+            checked.errors_not_listed,
+            checked.warnings,
+            checked.warnings_not_listed
+        )
+    }
+
+    /// Both readers of quote-free text, side by side.
+    fn plain_and_csv(text: &str, rules: &Rules) -> (String, String) {
+        assert!(!text.contains('"'));
+        let check = |scanned: Result<Scanned, Box<Checked>>| {
+            findings(&scanned.map_or_else(|checked| *checked, Scanned::finish))
+        };
+        (
+            check(scan_records(PlainRecords::new(text), text, rules)),
+            check(scan_records(CsvRecords::new(text), text, rules)),
+        )
+    }
+
+    #[test]
+    fn quote_free_text_reads_as_the_csv_crate_reads_it() {
+        for text in [
+            "smaregi-id,external-code\n1,A\n2,B",
+            "\r\n\n \r\nsmaregi-id,external-code\r\n\r\n1,A\r\r\n2,B\r3,C\n\n",
+            "smaregi-id,external-code,\n1,A,\n2,B, \n3,C,x\n,\n ,, \n4\n5,D,,,\n",
+            "スマレジ商品ID,外部サービスコード,更新フラグ\n1,A,TRUE\n2,B,\n3,C,ｘ\n4,D,1\n",
+            "smaregi-id,external-code\n1,A\n1,A\n1,B\n2,B\n3,C\n4,C\n",
+            "\u{FEFF}smaregi-id,external-code\n１,Ａ\n 2,B \n4.9E+12,3\n",
+            "a,b\n",
+            "",
+            "\n\r\n",
+        ] {
+            let (plain, csv) = plain_and_csv(text, &Rules::default());
+            assert_eq!(plain, csv, "{text:?}");
+        }
+    }
+
+    #[test]
+    fn row_lines_are_kept_as_runs() {
+        let mut lines = RowLines::default();
+        for line in [2, 3, 4, 7, 8, 10] {
+            lines.push(line);
+        }
+        assert_eq!(lines.runs.len(), 3);
+        let all: Vec<u64> = (0..6).map(|row| lines.get(row)).collect();
+        assert_eq!(all, [2, 3, 4, 7, 8, 10]);
+        lines.retain(|row| row != 1 && row != 4);
+        let kept: Vec<u64> = (0..4).map(|row| lines.get(row)).collect();
+        assert_eq!(kept, [2, 4, 7, 10]);
+    }
+
     proptest! {
+        /// Repeated ids and codes are found as a plain look back over the
+        /// rows finds them: an id or a code seen before is an error naming
+        /// the first line it was on, unless the whole pair was, which is a
+        /// warning, and the pair is kept once.
+        #[test]
+        fn repeats_are_named_with_the_first_line(rows in proptest::collection::vec((1u64..6, "[A-C]"), 0..30)) {
+            let mut text = String::from("smaregi-id,external-code\n");
+            for (id, code) in &rows {
+                text.push_str(&format!("{id},{code}\n"));
+            }
+            let checked = check(text.into_bytes(), &Rules::default());
+            let (mut errors, mut warnings, mut kept) = (Vec::new(), Vec::new(), Vec::new());
+            for (index, (id, code)) in rows.iter().enumerate() {
+                let line = index as u64 + 2;
+                let first_line = |i: usize| i as u64 + 2;
+                let first_id = rows[..index].iter().position(|(i, _)| i == id);
+                let first_code = rows[..index].iter().position(|(_, c)| c == code);
+                match first_id {
+                    Some(first) if rows[first].1 == *code => {
+                        warnings.push((line, ProblemKind::PairTwice { first_line: first_line(first) }));
+                        continue;
+                    }
+                    Some(first) => errors.push((line, ProblemKind::IdTwice {
+                        first_line: first_line(first),
+                        first_code: rows[first].1.clone(),
+                    })),
+                    None => {}
+                }
+                if let Some(first) = first_code {
+                    errors.push((line, ProblemKind::CodeTwice {
+                        first_line: first_line(first),
+                        first_id: rows[first].0,
+                    }));
+                }
+                kept.push((*id, code.as_str()));
+            }
+            let found = |problems: &[Problem]| -> Vec<(u64, ProblemKind)> {
+                problems.iter().map(|p| (p.line.unwrap(), p.kind.clone())).collect()
+            };
+            prop_assert_eq!(found(&checked.errors), errors.clone());
+            prop_assert_eq!(found(&checked.warnings), warnings);
+            if errors.is_empty() {
+                prop_assert_eq!(pairs(&checked), kept);
+            } else {
+                prop_assert!(checked.pairs.is_empty());
+            }
+        }
+
+        /// The quote-free reader and the csv crate find the same in any text
+        /// without quotes: the same rows, lines, problems and pairs.
+        #[test]
+        fn the_quote_free_reader_agrees_with_the_csv_crate(
+            header in prop_oneof![
+                Just("smaregi-id,external-code"),
+                Just("外部コード,スマレジ商品ID"),
+                Just("スマレジ商品ID,外部サービスコード,更新フラグ"),
+                Just("a,b"),
+                Just(""),
+            ],
+            before in "[\r\n ]{0,3}",
+            body in "([0-9]{1,3}|[A-C]|[, \t\r\n+E.１Ａ\u{3000}\u{FEFF}]|TRUE){0,60}",
+        ) {
+            let text = format!("{before}{header}\n{body}");
+            let (plain, csv) = plain_and_csv(&text, &Rules::default());
+            prop_assert_eq!(plain, csv, "{:?}", text);
+        }
+
         #[test]
         fn any_valid_mapping_round_trips(
             map in proptest::collection::btree_map(code(), 1u64..=999_999_999_999_999, 0..40),
@@ -1343,7 +1762,7 @@ mod tests {
             let pairs: Vec<(u64, String)> = map.into_iter().filter(|(_, id)| seen.insert(*id)).map(|(c, id)| (id, c)).collect();
             let checked = check(file_of(&pairs, crlf, quote, encoding), &Rules::default());
             prop_assert!(checked.accepted(), "{:?}", checked.errors);
-            let got: Vec<(u64, String)> = checked.entries.iter().map(|e| (e.smaregi_id, e.external_code.to_string())).collect();
+            let got: Vec<(u64, String)> = checked.pairs.entries().iter().map(|e| (e.smaregi_id, e.external_code.to_string())).collect();
             prop_assert_eq!(got, pairs);
         }
 
@@ -1372,7 +1791,7 @@ mod tests {
         #[test]
         fn checking_never_panics_and_rejects_or_gives_entries(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
             let checked = check(bytes, &Rules::default());
-            prop_assert!(checked.accepted() || checked.entries.is_empty());
+            prop_assert!(checked.accepted() || checked.pairs.is_empty());
         }
     }
 }

@@ -8,6 +8,8 @@
 //! byte neither reads, never decoded with replacement characters: a code
 //! with a `�` in it would be a wrong mapping.
 
+use std::borrow::Cow;
+
 use encoding_rs::SHIFT_JIS;
 
 /// The encoding a file was read in.
@@ -42,42 +44,40 @@ pub enum DecodeError {
 
 const UTF8_BOM: &[u8] = b"\xEF\xBB\xBF";
 
-/// Decodes a whole file. UTF-8 input is moved, not copied.
-pub fn decode(bytes: Vec<u8>) -> Result<(String, TextEncoding), DecodeError> {
+/// Decodes a whole file; UTF-8 is read where it is, not copied.
+pub fn decode(bytes: &[u8]) -> Result<(Cow<'_, str>, TextEncoding), DecodeError> {
     if bytes.starts_with(b"\xFF\xFE") || bytes.starts_with(b"\xFE\xFF") {
         return Err(DecodeError::Utf16);
     }
-    if memchr_nul(&bytes) {
+    if memchr_nul(bytes) {
         return Err(DecodeError::Binary);
     }
     if let Some(rest) = bytes.strip_prefix(UTF8_BOM) {
         return match std::str::from_utf8(rest) {
-            Ok(text) => Ok((text.to_owned(), TextEncoding::Utf8WithBom)),
+            Ok(text) => Ok((Cow::Borrowed(text), TextEncoding::Utf8WithBom)),
             Err(e) => Err(DecodeError::Undecodable {
                 line: line_of(rest, e.valid_up_to()),
                 tried: TextEncoding::Utf8WithBom,
             }),
         };
     }
-    let utf8_error = match String::from_utf8(bytes) {
-        Ok(text) => return Ok((text, TextEncoding::Utf8)),
-        Err(e) => e,
+    let utf8_valid_up_to = match std::str::from_utf8(bytes) {
+        Ok(text) => return Ok((Cow::Borrowed(text), TextEncoding::Utf8)),
+        Err(e) => e.valid_up_to(),
     };
-    let utf8_valid_up_to = utf8_error.utf8_error().valid_up_to();
-    let bytes = utf8_error.into_bytes();
-    match decode_shift_jis(&bytes) {
-        Ok(text) => Ok((text, TextEncoding::ShiftJis)),
+    match decode_shift_jis(bytes) {
+        Ok(text) => Ok((Cow::Owned(text), TextEncoding::ShiftJis)),
         Err(sjis_valid_up_to) => {
             // Report against the encoding that read further: that is the
             // one the file was meant to be in.
             if utf8_valid_up_to > sjis_valid_up_to {
                 Err(DecodeError::Undecodable {
-                    line: line_of(&bytes, utf8_valid_up_to),
+                    line: line_of(bytes, utf8_valid_up_to),
                     tried: TextEncoding::Utf8,
                 })
             } else {
                 Err(DecodeError::Undecodable {
-                    line: line_of(&bytes, sjis_valid_up_to),
+                    line: line_of(bytes, sjis_valid_up_to),
                     tried: TextEncoding::ShiftJis,
                 })
             }
@@ -131,6 +131,10 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    fn decoded(bytes: &[u8]) -> Result<(String, TextEncoding), DecodeError> {
+        decode(bytes).map(|(text, encoding)| (text.into_owned(), encoding))
+    }
+
     fn sjis(text: &str) -> Vec<u8> {
         let (bytes, _, unmappable) = SHIFT_JIS.encode(text);
         assert!(!unmappable);
@@ -141,13 +145,13 @@ mod tests {
     fn utf8_with_and_without_bom() {
         let plain = "スマレジ商品ID,外部コード\n1,A\n";
         assert_eq!(
-            decode(plain.as_bytes().to_vec()),
+            decoded(plain.as_bytes()),
             Ok((plain.to_owned(), TextEncoding::Utf8))
         );
         let mut bom = UTF8_BOM.to_vec();
         bom.extend_from_slice(plain.as_bytes());
         assert_eq!(
-            decode(bom),
+            decoded(&bom),
             Ok((plain.to_owned(), TextEncoding::Utf8WithBom))
         );
     }
@@ -156,7 +160,7 @@ mod tests {
     fn shift_jis_is_detected() {
         let text = "スマレジ商品ID,外部コード\r\n1,Ａ①髙\r\n";
         assert_eq!(
-            decode(sjis(text)),
+            decoded(&sjis(text)),
             Ok((text.to_owned(), TextEncoding::ShiftJis))
         );
     }
@@ -166,7 +170,7 @@ mod tests {
         let mut bytes = sjis("スマレジ商品ID,外部コード\n1,コード\n2,");
         bytes.push(0x83); // the first byte of a two-byte character, alone
         assert_eq!(
-            decode(bytes),
+            decoded(&bytes),
             Err(DecodeError::Undecodable {
                 line: 3,
                 tried: TextEncoding::ShiftJis
@@ -179,7 +183,7 @@ mod tests {
         let mut bytes = "smaregi-id,external-code\n1,コード\n".as_bytes().to_vec();
         bytes.extend_from_slice(&"2,コ".as_bytes()[..4]);
         assert_eq!(
-            decode(bytes),
+            decoded(&bytes),
             Err(DecodeError::Undecodable {
                 line: 3,
                 tried: TextEncoding::Utf8
@@ -189,22 +193,19 @@ mod tests {
 
     #[test]
     fn binary_and_utf16_are_refused() {
-        assert_eq!(
-            decode(b"PK\x03\x04\x00\x00".to_vec()),
-            Err(DecodeError::Binary)
-        );
-        assert_eq!(decode(b"\xFF\xFEs\x00".to_vec()), Err(DecodeError::Utf16));
+        assert_eq!(decoded(b"PK\x03\x04\x00\x00"), Err(DecodeError::Binary));
+        assert_eq!(decoded(b"\xFF\xFEs\x00"), Err(DecodeError::Utf16));
     }
 
     proptest! {
         #[test]
         fn any_utf8_text_decodes_to_itself(text in "[^\u{0}\u{feff}][^\u{0}]*") {
-            prop_assert_eq!(decode(text.clone().into_bytes()), Ok((text, TextEncoding::Utf8)));
+            prop_assert_eq!(decoded(&text.clone().into_bytes()), Ok((text, TextEncoding::Utf8)));
         }
 
         #[test]
         fn shift_jis_text_decodes_to_itself(text in "[a-zA-Z0-9,\n\"アイウエオカナ漢字商品コード０-９]{0,40}") {
-            let (decoded, encoding) = decode(sjis(&text)).unwrap();
+            let (decoded, encoding) = decoded(&sjis(&text)).unwrap();
             prop_assert_eq!(&decoded, &text);
             // ASCII-only text is valid UTF-8 as well, and reads the same.
             if !text.is_ascii() {
@@ -230,7 +231,7 @@ mod tests {
 
         #[test]
         fn decoding_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
-            let _ = decode(bytes);
+            let _ = decoded(&bytes);
         }
     }
 }

@@ -253,8 +253,7 @@ impl Importer {
         let (read, mut checked) =
             tokio::task::spawn_blocking(move || match read_limited(&path, &rules) {
                 Ok(file) => {
-                    let sha256 = sha256_hex(&file.bytes);
-                    let checked = check::check(file.bytes, &rules);
+                    let (checked, sha256) = check::check_beside(file.bytes, &rules, sha256_hex);
                     (Some((sha256, file.owner_uid)), checked)
                 }
                 Err(kind) => (None, Checked::file_problem(kind)),
@@ -287,8 +286,8 @@ impl Importer {
             };
             let request = ImportRequest {
                 format,
-                // The report needs no entries: no copy of a million of them.
-                entries: std::mem::take(&mut checked.entries),
+                // The report needs no pairs: no copy of a million of them.
+                pairs: std::mem::take(&mut checked.pairs),
                 source,
             };
             self.store.import(request).await?.version

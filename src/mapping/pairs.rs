@@ -13,9 +13,14 @@
 //! that is all building a version needs (a full replacement's pairs are
 //! unique, and an upsert's win over the current version's when they are
 //! added first).
+//!
+//! Indexing a large list builds the two tables at once, one thread each:
+//! they share nothing but the (read-only) list, and hashing a million
+//! pairs into tables that miss the cache is most of an import's work.
 
 use std::hash::BuildHasher;
 
+use hashbrown::hash_table::Entry as Slot;
 use hashbrown::HashTable;
 use rustc_hash::FxBuildHasher;
 
@@ -137,7 +142,7 @@ impl<'a> FromIterator<(u64, &'a str)> for Entries {
 }
 
 /// Pairs, each code and each id at most once, indexed both ways.
-#[derive(Default)]
+#[derive(Clone, Default)]
 pub struct PairTable {
     entries: Entries,
     /// Indices of pairs, by the hash of their code.
@@ -147,10 +152,49 @@ pub struct PairTable {
 }
 
 /// Why a pair could not be added: which side was taken already.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Clash {
     Code,
     Id,
+}
+
+/// A pair of a list that repeats an earlier pair's id or code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Repeat {
+    /// The pair that repeats.
+    pub index: usize,
+    /// The first pair of the list with that id or code.
+    pub first: usize,
+    pub side: Clash,
+}
+
+/// From this many pairs on, the two sides are indexed by two threads.
+const PARALLEL_FROM: usize = 20_000;
+
+/// One side's table of `pairs` pairs, each indexed unless it repeats an
+/// earlier pair's key; the repeats, in order, with the pair they repeat.
+fn index_side(
+    pairs: usize,
+    capacity: usize,
+    hash: impl Fn(usize) -> u64,
+    same_key: impl Fn(usize, usize) -> bool,
+) -> (HashTable<u32>, Vec<(usize, usize)>) {
+    let mut table = HashTable::with_capacity(capacity);
+    let mut repeats = Vec::new();
+    for index in 0..pairs {
+        let slot = u32::try_from(index).expect("fewer than 2³² pairs");
+        match table.entry(
+            hash(index),
+            |&i| same_key(i as usize, index),
+            |&i| hash(i as usize),
+        ) {
+            Slot::Occupied(first) => repeats.push((index, *first.get() as usize)),
+            Slot::Vacant(vacant) => {
+                vacant.insert(slot);
+            }
+        }
+    }
+    (table, repeats)
 }
 
 impl std::fmt::Display for Clash {
@@ -174,24 +218,76 @@ impl PairTable {
     /// Indexes `entries` in place, with room for `more` pairs besides;
     /// fails with the index of the first pair that repeats a code or an id.
     pub fn index(entries: Entries, more: usize) -> Result<Self, (usize, Clash)> {
+        Self::index_or_repeats(entries, more).map_err(|(_, repeats)| {
+            repeats
+                .iter()
+                .map(|repeat| (repeat.index, repeat.side))
+                .min()
+                .expect("a list that does not index has a repeat")
+        })
+    }
+
+    /// Indexes `entries` in place, with room for `more` pairs besides; or
+    /// gives them back with every pair that repeats an earlier pair's id or
+    /// code, in list order (the id's repeat before the code's of one pair).
+    pub fn index_or_repeats(entries: Entries, more: usize) -> Result<Self, (Entries, Vec<Repeat>)> {
         let pairs = entries.len();
-        let mut table = Self {
-            by_code: HashTable::with_capacity(pairs + more),
-            by_id: HashTable::with_capacity(pairs + more),
-            entries,
+        let capacity = pairs + more;
+        let codes = || {
+            index_side(
+                pairs,
+                capacity,
+                |i| hash_code(entries.get(i).external_code),
+                |a, b| entries.get(a).external_code == entries.get(b).external_code,
+            )
         };
-        for index in 0..pairs {
-            let Entry {
-                smaregi_id,
-                external_code,
-            } = table.entries.get(index);
-            let hashes = (hash_code(external_code), hash_id(smaregi_id));
-            table
-                .check_new(external_code, smaregi_id, hashes)
-                .map_err(|clash| (index, clash))?;
-            table.index_unchecked(index, hashes);
+        let ids = || {
+            index_side(
+                pairs,
+                capacity,
+                |i| hash_id(entries.ids[i]),
+                |a, b| entries.ids[a] == entries.ids[b],
+            )
+        };
+        let ((by_code, code_repeats), (by_id, id_repeats)) = if pairs >= PARALLEL_FROM {
+            std::thread::scope(|scope| {
+                let codes = scope.spawn(codes);
+                let ids = ids();
+                let codes = codes
+                    .join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+                (codes, ids)
+            })
+        } else {
+            (codes(), ids())
+        };
+        if code_repeats.is_empty() && id_repeats.is_empty() {
+            return Ok(Self {
+                entries,
+                by_code,
+                by_id,
+            });
         }
-        Ok(table)
+        let side = |side| move |(index, first)| Repeat { index, first, side };
+        let mut repeats: Vec<Repeat> = id_repeats
+            .into_iter()
+            .map(side(Clash::Id))
+            .chain(code_repeats.into_iter().map(side(Clash::Code)))
+            .collect();
+        // Stable: for one pair, the id's repeat stays first.
+        repeats.sort_by_key(|repeat| repeat.index);
+        Err((entries, repeats))
+    }
+
+    /// Makes room for `more` pairs.
+    pub fn reserve(&mut self, more: usize) {
+        let Self {
+            entries,
+            by_code,
+            by_id,
+        } = self;
+        by_code.reserve(more, |&i| hash_code(entries.get(i as usize).external_code));
+        by_id.reserve(more, |&i| hash_id(entries.ids[i as usize]));
     }
 
     pub fn len(&self) -> usize {
@@ -344,7 +440,94 @@ mod tests {
         assert_eq!(format!("{entries:?}"), r#"[(2, "BB"), (4, "DDDD")]"#);
     }
 
+    /// Every pair that repeats an earlier pair's id or code, the slow way.
+    fn repeats_by_scanning(pairs: &[(u64, String)]) -> Vec<Repeat> {
+        let mut repeats = Vec::new();
+        for (index, (id, code)) in pairs.iter().enumerate() {
+            if let Some(first) = pairs[..index].iter().position(|(i, _)| i == id) {
+                repeats.push(Repeat {
+                    index,
+                    first,
+                    side: Clash::Id,
+                });
+            }
+            if let Some(first) = pairs[..index].iter().position(|(_, c)| c == code) {
+                repeats.push(Repeat {
+                    index,
+                    first,
+                    side: Clash::Code,
+                });
+            }
+        }
+        repeats
+    }
+
+    fn entries_of(pairs: &[(u64, String)]) -> Entries {
+        pairs
+            .iter()
+            .map(|(id, code)| (*id, code.as_str()))
+            .collect()
+    }
+
+    #[test]
+    fn a_large_list_is_indexed_by_two_threads_and_names_every_repeat() {
+        let mut pairs: Vec<(u64, String)> = (0..PARALLEL_FROM as u64 + 1_000)
+            .map(|n| (1_000_000 + n, format!("EC-{n}")))
+            .collect();
+        let table = PairTable::index_or_repeats(entries_of(&pairs), 10).unwrap();
+        assert_eq!(table.len(), pairs.len());
+        assert_eq!(table.id_for("EC-20999"), Some(1_020_999));
+        assert_eq!(table.code_for(1_000_007), Some("EC-7"));
+
+        pairs[15_000].0 = pairs[3].0;
+        pairs[20_500].1 = pairs[9].1.clone();
+        pairs[20_600] = pairs[10].clone();
+        let (entries, repeats) = PairTable::index_or_repeats(entries_of(&pairs), 0).unwrap_err();
+        assert_eq!(entries, entries_of(&pairs), "the list comes back as it was");
+        assert_eq!(repeats, repeats_by_scanning(&pairs));
+        assert_eq!(
+            repeats,
+            [
+                Repeat {
+                    index: 15_000,
+                    first: 3,
+                    side: Clash::Id
+                },
+                Repeat {
+                    index: 20_500,
+                    first: 9,
+                    side: Clash::Code
+                },
+                Repeat {
+                    index: 20_600,
+                    first: 10,
+                    side: Clash::Id
+                },
+                Repeat {
+                    index: 20_600,
+                    first: 10,
+                    side: Clash::Code
+                },
+            ]
+        );
+    }
+
     proptest! {
+        /// Indexing a list names the same repeats as looking back over it.
+        #[test]
+        fn indexing_names_every_repeat(pairs in proptest::collection::vec((0u64..30, "[a-c]{0,2}"), 0..100)) {
+            match PairTable::index_or_repeats(entries_of(&pairs), 0) {
+                Ok(table) => {
+                    prop_assert!(repeats_by_scanning(&pairs).is_empty());
+                    prop_assert_eq!(table.entries(), &entries_of(&pairs));
+                    for (id, code) in &pairs {
+                        prop_assert_eq!(table.id_for(code), Some(*id));
+                    }
+                }
+                Err((_, repeats)) => prop_assert_eq!(repeats, repeats_by_scanning(&pairs)),
+            }
+        }
+
         /// The table agrees with two ordinary maps fed the same pairs under
         /// the same rule, whatever the collisions.
         #[test]

@@ -82,11 +82,11 @@ pub struct VersionInfo {
     pub source: VersionSource,
 }
 
-/// What is being imported, besides its entries.
+/// What is being imported: a checked file's pairs, and where they come from.
 #[derive(Debug, Clone)]
 pub struct ImportRequest {
     pub format: Format,
-    pub entries: Entries,
+    pub pairs: PairTable,
     pub source: VersionSource,
 }
 
@@ -302,22 +302,17 @@ impl MappingStore {
         let store = &self.inner.store;
         let current = self.current();
         let number = self.next_version_number()?;
-        let applied_rows = request.entries.len() as u64;
-        // The file's entries first, indexed where they are: an upsert's win
+        let applied_rows = request.pairs.len() as u64;
+        // The file's pairs first, as the check indexed them: an upsert's win
         // over the current pairs of their code and of their id, which are
         // then not kept.
-        let kept = match request.format {
-            Format::FullReplacement => &PairTable::default(),
-            Format::Upsert => &current.pairs,
-        };
-        let mut pairs =
-            PairTable::index(request.entries, kept.len()).map_err(|(index, clash)| {
-                MappingError::Internal(format!(
-                    "pair {index} of a checked file repeats an earlier pair's {clash}"
-                ))
-            })?;
-        for entry in kept.entries().iter() {
-            let _replaced_by_the_file = pairs.insert_new(entry.external_code, entry.smaregi_id);
+        let mut pairs = request.pairs;
+        if request.format == Format::Upsert {
+            let kept = &current.pairs;
+            pairs.reserve(kept.len());
+            for entry in kept.entries().iter() {
+                let _replaced_by_the_file = pairs.insert_new(entry.external_code, entry.smaregi_id);
+            }
         }
         drop(current);
         let mut version = MappingVersion {
