@@ -99,8 +99,11 @@ async fn metrics_and_health_report_what_happened() {
 
     let push_succeeded =
         r#"smaregi_relay_outbox_attempts_total{kind="stock.push",outcome="success"} 1"#;
+    // The engine counts the attempt before it marks the job done, and a
+    // scrape reads the job counts before the counters: wait for both.
+    let push_done = r#"smaregi_relay_outbox_jobs{state="done",kind="stock.push"} 1"#;
     let page = poll(&format!("{admin}metrics"), |page| {
-        page.contains(push_succeeded)
+        page.contains(push_succeeded) && page.contains(push_done)
     })
     .await;
     let samples = samples(&page);

@@ -363,8 +363,11 @@ async fn a_burst_is_one_digest_a_resolution_one_more_and_a_failed_digest_arrives
     burst(&active).await;
     let log = webhook.wait_for(|log| !log.digests.is_empty()).await;
     let waited = start.elapsed();
+    // After the grace, and well before the 15-minute interval: virtual
+    // time runs on while the runtime waits for loopback I/O, so a loaded
+    // machine may deliver it some virtual seconds late.
     assert!(
-        (Duration::from_secs(60)..Duration::from_secs(70)).contains(&waited),
+        (Duration::from_secs(60)..Duration::from_secs(5 * 60)).contains(&waited),
         "the first digest went after {waited:?}, not after the one-minute grace"
     );
     let first = &log.digests[0];

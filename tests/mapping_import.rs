@@ -31,12 +31,14 @@ fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
     }
 }
 
+/// What staff see in `dir`: names, sorted, without hidden (dot) files.
 fn names(dir: &Path) -> Vec<String> {
     let mut names: Vec<String> = fs::read_dir(dir)
         .map(|entries| {
             entries
                 .flatten()
                 .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|name| !name.starts_with('.'))
                 .collect()
         })
         .unwrap_or_default();
@@ -154,6 +156,11 @@ fn the_daemon_imports_good_files_and_rejects_bad_ones_with_reports() {
     assert_eq!(reports[1], format!("{}.report.txt", reports[0]));
     let report = fs::read_to_string(processed.join(&reports[1])).unwrap();
     assert!(report.contains("バージョン 1"), "{report}");
+    let all = fs::read_dir(&processed).unwrap().count();
+    assert_eq!(
+        all, 2,
+        "a report is written whole, under a hidden name first"
+    );
 
     drop_file(
         &s.drop,
@@ -207,7 +214,9 @@ fn the_polling_watcher_takes_files_too() {
 
 #[test]
 fn a_file_copied_in_slowly_is_imported_once_and_complete() {
-    let s = setup("[mapping]\nsettle-milliseconds = 1000\n");
+    // The pauses between chunks are far shorter than the settle time, so
+    // that a stalled writer on a loaded machine is still "copying".
+    let s = setup("[mapping]\nsettle-milliseconds = 5000\n");
     let daemon = RunningDaemon::start(&s.dir, &s.config);
     let rows: Vec<String> = (1..=2000).map(|i| format!("{i},CODE-{i}\n")).collect();
     let mut file = fs::File::create(s.drop.join("slow.csv")).unwrap();

@@ -256,8 +256,10 @@ async fn a_write_that_took_effect_before_failing_is_found_by_its_look_up() {
 
 #[tokio::test]
 async fn a_rate_limit_is_retried_after_smaregis_retry_after() {
+    // A bucket of one call that refills in 100 s: the second call is
+    // refused however slowly the machine makes it.
     let sim = Simulator::start(SimConfig {
-        rate_limit_per_second: 1.0,
+        rate_limit_per_second: 0.01,
         ..SimConfig::local(CONTRACT_ID, ACCESS_TOKEN)
     })
     .await

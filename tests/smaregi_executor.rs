@@ -61,7 +61,7 @@ impl Harness {
 
     async fn with_settings(sim: Simulator, smaregi_settings: &str) -> Self {
         let temp = tempfile::tempdir().unwrap();
-        let settings = format!("request-timeout-seconds = 1\n{smaregi_settings}");
+        let settings = format!("request-timeout-seconds = 10\n{smaregi_settings}");
         let mut config = relay_config(temp.path(), &sim.url(), &settings);
         config.outbox.retry_schedule_seconds = vec![0];
         config.outbox.retry_repeat_seconds = 0;

@@ -404,8 +404,13 @@ fn outcome_of_report(text: &str, file: PathBuf, rejected: bool) -> Option<Outcom
     }
 }
 
+/// Writes a report under a hidden name, then renames it into place: staff
+/// opening the folder never see half a report.
 fn write_report(path: &Path, text: &str) -> Result<(), MappingError> {
-    fs::write(path, text).map_err(io_error(path))
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    let partial = path.with_file_name(format!(".{name}.partial"));
+    fs::write(&partial, text).map_err(io_error(&partial))?;
+    fs::rename(&partial, path).map_err(io_error(path))
 }
 
 /// A file's bytes, read only if it is a regular file within the limit.

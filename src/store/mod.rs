@@ -369,8 +369,9 @@ enum SledOpenError {
     Other(sled::Error),
 }
 
-/// How long to wait for sled's own file lock while we hold ours.
-const SLED_LOCK_PATIENCE: Duration = Duration::from_secs(2);
+/// How long to wait for sled's own file lock while we hold ours: long
+/// enough for a segment truncation's `sync_all` on a slow SD card.
+const SLED_LOCK_PATIENCE: Duration = Duration::from_secs(30);
 
 /// Opens sled in `options.directory`, whose lock file we hold.
 ///

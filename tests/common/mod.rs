@@ -258,11 +258,21 @@ pub fn store_options(directory: &Path) -> smaregi_relay::store::StoreOptions {
 /// Without sled's background flusher: its thread can outlive the dropped
 /// `Db` and keep the file lock for a moment, failing the next open.
 pub fn open_raw_sled(path: &Path) -> sled::Db {
-    sled::Config::new()
-        .path(path)
-        .flush_every_ms(None)
-        .open()
-        .unwrap()
+    // sled 0.34's thread pool may still hold the file lock of a store just
+    // closed (a segment truncation and its sync), as `Store::open` knows.
+    let deadline = Instant::now() + EVENT_DEADLINE;
+    loop {
+        match sled::Config::new().path(path).flush_every_ms(None).open() {
+            Ok(db) => return db,
+            Err(sled::Error::Io(e))
+                if e.to_string().contains("could not acquire lock")
+                    && Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => panic!("opening {} with sled: {e}", path.display()),
+        }
+    }
 }
 
 pub mod alerts;
