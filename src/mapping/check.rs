@@ -5,9 +5,9 @@
 //! Smaregi's own CSV import counts them; a quoted field spanning lines
 //! gives its row the line it starts on.
 
-use crate::config::MappingConfig;
-
 use std::borrow::Cow;
+
+use crate::config::MappingConfig;
 
 use super::decode::{self, DecodeError, TextEncoding};
 
@@ -536,9 +536,10 @@ impl RowLines {
 /// Checks decoded text.
 ///
 /// Text without a double quote has no quoted fields, and is split by a
-/// reader of its own ([`PlainRecords`]), several times faster than the
-/// csv crate's; it gives the same records on the same lines (a test
-/// holds it to that). Anything else is read by the csv crate.
+/// reader of its own ([`PlainRecords`]) that looks for nothing but commas
+/// and line breaks; it gives the same records on the same lines as the
+/// csv crate (a test holds it to that). Anything else is read by the csv
+/// crate.
 pub fn check_text(text: &str, rules: &Rules) -> Checked {
     scan_text(text, rules).map_or_else(|checked| *checked, Scanned::finish)
 }
@@ -553,7 +554,8 @@ fn scan_text(text: &str, rules: &Rules) -> Result<Scanned, Box<Checked>> {
     }
 }
 
-/// A file's records, one at a time, skipping nothing.
+/// A file's records, one at a time, as the csv crate reads them (an empty
+/// line is no record).
 trait Records {
     type Record: Fields;
     /// Moves to the next record; the physical line it starts on, or
@@ -653,7 +655,11 @@ impl<'t> PlainRecords<'t> {
     fn new(text: &'t str) -> Self {
         Self {
             text,
-            offset: if text.starts_with('\u{FEFF}') { 3 } else { 0 },
+            offset: if text.starts_with('\u{FEFF}') {
+                '\u{FEFF}'.len_utf8()
+            } else {
+                0
+            },
             line: 1,
             record: PlainRecord {
                 text: "",
@@ -1731,6 +1737,24 @@ mod tests {
             } else {
                 prop_assert!(checked.pairs.is_empty());
             }
+        }
+
+        /// The table's quick answer is the full rule's answer.
+        #[test]
+        fn the_code_rule_answers_as_the_full_rule(
+            value in "[A-Za-z0-9 +.\\-_Ee１Ａ\u{3000}#/]{0,12}",
+            symbols in "[-_.+ #]{0,4}",
+            max in 1usize..10,
+        ) {
+            let rules = Rules { code_symbols: symbols, code_max_length: max, ..Rules::default() };
+            prop_assert_eq!(CodeRule::new(&rules).check(&value), check_external_code(&value, &rules));
+        }
+
+        #[test]
+        fn an_id_is_1_to_15_digits_read_as_a_number(value in "[0-9]{0,17}|[0-9 .E+１-]{0,8}") {
+            let expected = (!value.is_empty() && value.len() <= 15 && value.bytes().all(|b| b.is_ascii_digit()))
+                .then(|| value.parse::<u64>().unwrap());
+            prop_assert_eq!(check_smaregi_id(&value).ok(), expected);
         }
 
         /// The quote-free reader and the csv crate find the same in any text
