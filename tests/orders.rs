@@ -195,11 +195,11 @@ async fn a_daemon_killed_between_an_edits_cancel_and_register_ends_with_the_edit
     );
     orders.settled(&["D-1".into()]).await;
 
-    // Every call waits a second before Smaregi acts on it: once the
-    // cancel is stored, the register is at least a second away, and the
-    // daemon dies in between.
+    // Every call waits three seconds before Smaregi acts on it: once the
+    // cancel is stored, the register is at least that far away, and the
+    // daemon dies in between, however loaded the machine.
     sim.set_faults(Faults {
-        latency_ms: 1_000,
+        latency_ms: 3_000,
         ..Faults::default()
     });
     let mut writes = sim.writes();

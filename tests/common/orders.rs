@@ -23,7 +23,7 @@ pub fn order_config(dir: &Path, endpoint: &str, extra: &str) -> PathBuf {
         &format!(
             "[smaregi]\nendpoint = \"{endpoint}\"\ncontract-id = \"{CONTRACT_ID}\"\n\
              access-token = {{ file = \"smaregi-token\" }}\nterminal-id = \"{TERMINAL}\"\n\
-             request-timeout-seconds = 2\n\n\
+             request-timeout-seconds = 10\n\n\
              [outbox]\nretry-schedule-seconds = [0, 1]\nretry-repeat-seconds = 1\n\n\
              [orders]\napi-token = {{ file = \"orders-token\" }}\ndefault-store-id = \"1\"\n{extra}\n"
         ),
