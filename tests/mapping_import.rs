@@ -157,10 +157,7 @@ fn the_daemon_imports_good_files_and_rejects_bad_ones_with_reports() {
     let report = fs::read_to_string(processed.join(&reports[1])).unwrap();
     assert!(report.contains("バージョン 1"), "{report}");
     let all = fs::read_dir(&processed).unwrap().count();
-    assert_eq!(
-        all, 2,
-        "a report is written whole, under a hidden name first"
-    );
+    assert_eq!(all, 2, "no partial report is left behind");
 
     drop_file(
         &s.drop,

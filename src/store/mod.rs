@@ -374,33 +374,40 @@ enum SledOpenError {
 const SLED_LOCK_PATIENCE: Duration = Duration::from_secs(30);
 
 /// Opens sled in `options.directory`, whose lock file we hold.
-///
-/// Holding our lock, we are the only smaregi-relay store there; sled's own
-/// lock can then only be held by the closures sled 0.34's global
-/// threadpool runs for an earlier `Db` of this process (log writes, file
-/// truncation), which keep the file open for a moment after the last
-/// handle is dropped. So a busy sled lock is retried for a short while.
 fn open_sled(options: &StoreOptions) -> Result<sled::Db, SledOpenError> {
+    let config = sled::Config::new()
+        .path(&options.directory)
+        .cache_capacity(options.cache_capacity_bytes)
+        // Durability comes only from `commit`; sled's background flusher
+        // would only log its fsync errors.
+        .flush_every_ms(None);
+    open_sled_when_released(&config).map_err(|error| {
+        if is_sled_lock_busy(&error) {
+            SledOpenError::Locked
+        } else {
+            SledOpenError::Other(error)
+        }
+    })
+}
+
+/// Opens sled with `config`, waiting up to 30 s for sled's own file lock.
+///
+/// Within one process, sled's lock can still be held after the last
+/// handle of a database was dropped: sled 0.34's global thread pool runs
+/// the closures of an earlier `Db` (log writes, a segment truncation and
+/// its sync) with the file open. sled offers nothing to wait on, so a busy
+/// lock is retried with a growing pause. Callers that hold a lock of their
+/// own (as [`Store::open`] does) know no other process is in the way.
+pub fn open_sled_when_released(config: &sled::Config) -> sled::Result<sled::Db> {
     let started = Instant::now();
     let mut pause = Duration::from_millis(1);
     loop {
-        let opened = sled::Config::new()
-            .path(&options.directory)
-            .cache_capacity(options.cache_capacity_bytes)
-            // Durability comes only from `commit`; sled's background flusher
-            // would only log its fsync errors.
-            .flush_every_ms(None)
-            .open();
-        match opened {
-            Ok(db) => return Ok(db),
-            Err(error) if is_sled_lock_busy(&error) => {
-                if started.elapsed() >= SLED_LOCK_PATIENCE {
-                    return Err(SledOpenError::Locked);
-                }
+        match config.open() {
+            Err(error) if is_sled_lock_busy(&error) && started.elapsed() < SLED_LOCK_PATIENCE => {
                 std::thread::sleep(pause);
                 pause = (pause * 2).min(Duration::from_millis(50));
             }
-            Err(error) => return Err(SledOpenError::Other(error)),
+            opened => return opened,
         }
     }
 }

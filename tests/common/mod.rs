@@ -258,21 +258,10 @@ pub fn store_options(directory: &Path) -> smaregi_relay::store::StoreOptions {
 /// Without sled's background flusher: its thread can outlive the dropped
 /// `Db` and keep the file lock for a moment, failing the next open.
 pub fn open_raw_sled(path: &Path) -> sled::Db {
-    // sled 0.34's thread pool may still hold the file lock of a store just
-    // closed (a segment truncation and its sync), as `Store::open` knows.
-    let deadline = Instant::now() + EVENT_DEADLINE;
-    loop {
-        match sled::Config::new().path(path).flush_every_ms(None).open() {
-            Ok(db) => return db,
-            Err(sled::Error::Io(e))
-                if e.to_string().contains("could not acquire lock")
-                    && Instant::now() < deadline =>
-            {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            Err(e) => panic!("opening {} with sled: {e}", path.display()),
-        }
-    }
+    // A store just closed may still have sled's lock held by sled's pool.
+    let config = sled::Config::new().path(path).flush_every_ms(None);
+    smaregi_relay::store::open_sled_when_released(&config)
+        .unwrap_or_else(|e| panic!("opening {} with sled: {e}", path.display()))
 }
 
 pub mod alerts;
