@@ -14,6 +14,8 @@
 //! peak RSS ≤ 200 MiB. Criterion then times the in-memory parts (bare parse
 //! and check of the bytes already read).
 
+mod daemon_allocator;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -24,11 +26,6 @@ use smaregi_relay::mapping::check::{self, Rules};
 use smaregi_relay::mapping::import::{Folders, Importer, Outcome};
 use smaregi_relay::mapping::MappingStore;
 use smaregi_relay::store::{Store, StoreOptions};
-
-// The daemon's allocator (see `src/main.rs`), so that peak RSS is the
-// daemon's.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const ROWS: u64 = 1_000_000;
 const ROUNDS: usize = 3;

@@ -16,6 +16,8 @@
 //! - start-up: opening the store and the engine with the large backlog and
 //!   reading the first due job, median of five opens (page cache warm).
 
+mod daemon_allocator;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -9,6 +9,8 @@
 //! durably. Five interleaved rounds of 2,000 registrations each; the
 //! median round of each side is reported.
 
+mod daemon_allocator;
+
 use std::time::Instant;
 
 use smaregi_relay::config::{self, CancelStrategy, Config, RateLimit};

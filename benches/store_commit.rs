@@ -9,6 +9,8 @@
 //! Each iteration of `committers/N` is one commit by each of N concurrent
 //! tasks; each commit follows a 64-byte insert of its own.
 
+mod daemon_allocator;
+
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
