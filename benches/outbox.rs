@@ -2,7 +2,9 @@
 //! start-up time with a large backlog.
 //!
 //! `cargo bench --locked --bench outbox`. Set `OUTBOX_BENCH_BACKLOG` to
-//! change the large backlog (default 1,000,000 pending jobs).
+//! change the large backlog (default 1,000,000 pending jobs), and
+//! `OUTBOX_BENCH_CACHE_MIB` to change sled's cache (default the daemon's,
+//! 32 MiB).
 //!
 //! - `engine/jobs`: jobs through the whole engine (enqueue with its durable
 //!   commit, claim, a no-op executor, complete with its durable commit),
@@ -48,10 +50,15 @@ fn criterion_directory() -> PathBuf {
 }
 
 fn options(directory: &Path) -> StoreOptions {
-    StoreOptions {
+    let mut options = StoreOptions {
         directory: directory.to_owned(),
         ..StoreOptions::from_config(&StorageConfig::default())
+    };
+    if let Ok(mib) = std::env::var("OUTBOX_BENCH_CACHE_MIB") {
+        let mib: u64 = mib.parse().expect("OUTBOX_BENCH_CACHE_MIB is a number");
+        options.cache_capacity_bytes = mib << 20;
     }
+    options
 }
 
 fn new_job(key: String) -> NewJob {
