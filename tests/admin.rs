@@ -445,7 +445,7 @@ async fn a_parked_job_reaches_the_alert_webhook_as_a_digest() {
     let sim = simulator().await;
     let downstream = Downstream::start().await;
     let temp = tempfile::tempdir().unwrap();
-    let mut receiver = WebhookReceiver::start(temp.path()).await;
+    let receiver = WebhookReceiver::start(temp.path()).await;
     common::write_file(temp.path(), "alerts-secret", WEBHOOK_SECRET, 0o600);
     let alerts = format!(
         "\n[alerts]\ngrace-seconds = 0\n\n[alerts.webhook]\nurl = \"{}\"\n\

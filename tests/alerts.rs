@@ -110,7 +110,7 @@ fn keys(list: &Value) -> Vec<&str> {
 #[tokio::test]
 async fn a_digest_is_posted_over_https_signed_the_standard_webhooks_way() {
     let temp = tempfile::tempdir().unwrap();
-    let mut receiver = WebhookReceiver::start(temp.path()).await;
+    let receiver = WebhookReceiver::start(temp.path()).await;
     let config = load_config(temp.path(), Some(&receiver), None, WEBHOOK_SECRET);
     let notifier = WebhookNotifier::new(config.alerts.webhook.as_ref().unwrap(), HOST).unwrap();
 
@@ -181,7 +181,7 @@ async fn a_webhook_with_an_untrusted_certificate_is_not_sent_to() {
 #[tokio::test]
 async fn a_digest_is_mailed_over_implicit_tls_after_logging_in() {
     let temp = tempfile::tempdir().unwrap();
-    let mut smtp = SmtpServer::start(temp.path(), Some((SMTP_USERNAME, SMTP_PASSWORD))).await;
+    let smtp = SmtpServer::start(temp.path(), Some((SMTP_USERNAME, SMTP_PASSWORD))).await;
     let config = load_config(temp.path(), None, Some(&smtp), WEBHOOK_SECRET);
     let notifier = EmailNotifier::new(config.alerts.email.as_ref().unwrap(), HOST).unwrap();
 
@@ -234,7 +234,7 @@ async fn a_digest_is_mailed_over_implicit_tls_after_logging_in() {
 #[tokio::test]
 async fn with_starttls_the_digest_is_mailed_after_the_upgrade() {
     let temp = tempfile::tempdir().unwrap();
-    let mut smtp =
+    let smtp =
         SmtpServer::start_with(temp.path(), Some((SMTP_USERNAME, SMTP_PASSWORD)), true).await;
     let mut config = load_config(temp.path(), None, Some(&smtp), WEBHOOK_SECRET);
     config.alerts.email.as_mut().unwrap().tls = SmtpTls::Starttls;
@@ -351,7 +351,7 @@ async fn burst(active: &watch::Sender<Vec<Alert>>) {
 async fn a_burst_is_one_digest_a_resolution_one_more_and_a_failed_digest_arrives_later() {
     keep_virtual_time_moving_slowly(Duration::from_millis(20));
     let temp = tempfile::tempdir().unwrap();
-    let mut webhook = WebhookReceiver::start(temp.path()).await;
+    let webhook = WebhookReceiver::start(temp.path()).await;
     let config = load_config(temp.path(), Some(&webhook), None, WEBHOOK_SECRET);
     let Running {
         active,
@@ -426,7 +426,7 @@ async fn a_burst_is_one_digest_a_resolution_one_more_and_a_failed_digest_arrives
 async fn by_e_mail_a_burst_is_one_message_and_a_failed_one_arrives_later() {
     keep_virtual_time_moving_slowly(Duration::from_millis(20));
     let temp = tempfile::tempdir().unwrap();
-    let mut smtp = SmtpServer::start(temp.path(), Some((SMTP_USERNAME, SMTP_PASSWORD))).await;
+    let smtp = SmtpServer::start(temp.path(), Some((SMTP_USERNAME, SMTP_PASSWORD))).await;
     let config = load_config(temp.path(), None, Some(&smtp), WEBHOOK_SECRET);
     let Running {
         active,

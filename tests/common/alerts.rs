@@ -34,6 +34,36 @@ pub const WEBHOOK_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 pub const SMTP_USERNAME: &str = "relay@shop.example";
 pub const SMTP_PASSWORD: &str = "smtp-pass-4711";
 
+/// How long a test waits for a receiver's log, in real time.
+pub const REAL_DEADLINE: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// The value of `log` once `condition` holds, or a test failure after
+/// [`REAL_DEADLINE`] of real time, so that a digest that never comes fails
+/// the test instead of hanging it. The alert tests run on tokio's paused
+/// clock, which jumps ahead whenever the runtime idles: a tokio timeout
+/// would fire at once, so the deadline is kept by a thread that waits on a
+/// channel, and is released the moment the wait ends.
+async fn wait_within_real_deadline<T: Clone + std::fmt::Debug>(
+    log: &watch::Receiver<T>,
+    condition: impl Fn(&T) -> bool,
+) -> T {
+    let mut waiting = log.clone();
+    let (_wait_over, over) = std::sync::mpsc::channel::<()>();
+    let (expire, expired) = tokio::sync::oneshot::channel::<()>();
+    std::thread::spawn(move || {
+        if over.recv_timeout(REAL_DEADLINE) == Err(std::sync::mpsc::RecvTimeoutError::Timeout) {
+            let _ = expire.send(());
+        }
+    });
+    tokio::select! {
+        found = waiting.wait_for(condition) => found.expect("the receiver runs").clone(),
+        _ = expired => panic!(
+            "the condition did not hold within {REAL_DEADLINE:?}; last log: {:?}",
+            *log.borrow()
+        ),
+    }
+}
+
 /// A self-signed certificate for 127.0.0.1 and localhost, written to
 /// `dir/name.pem`, and an acceptor serving it.
 pub fn tls_acceptor(dir: &Path, name: &str) -> (TlsAcceptor, PathBuf) {
@@ -144,9 +174,10 @@ impl WebhookReceiver {
         self.switch.set(up);
     }
 
-    /// The log once `condition` holds.
-    pub async fn wait_for(&mut self, condition: impl Fn(&WebhookLog) -> bool) -> WebhookLog {
-        self.log.wait_for(condition).await.unwrap().clone()
+    /// The log once `condition` holds; fails the test after
+    /// [`REAL_DEADLINE`].
+    pub async fn wait_for(&self, condition: impl Fn(&WebhookLog) -> bool) -> WebhookLog {
+        wait_within_real_deadline(&self.log, condition).await
     }
 }
 
@@ -266,8 +297,10 @@ impl SmtpServer {
         self.switch.set(up);
     }
 
-    pub async fn wait_for(&mut self, condition: impl Fn(&SmtpLog) -> bool) -> SmtpLog {
-        self.log.wait_for(condition).await.unwrap().clone()
+    /// The log once `condition` holds; fails the test after
+    /// [`REAL_DEADLINE`].
+    pub async fn wait_for(&self, condition: impl Fn(&SmtpLog) -> bool) -> SmtpLog {
+        wait_within_real_deadline(&self.log, condition).await
     }
 }
 
