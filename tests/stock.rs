@@ -491,6 +491,77 @@ async fn a_rejected_product_waits_for_an_operator_while_the_others_go_on() {
     sim.stop().await;
 }
 
+/// Polls the daemon's pending `stock.push` jobs until there are `count`;
+/// their ids, oldest first.
+async fn until_pending_pushes(config: &Path, count: usize) -> Vec<String> {
+    let deadline = std::time::Instant::now() + common::EVENT_DEADLINE;
+    loop {
+        let listed = operator(
+            config,
+            &[
+                "outbox",
+                "list",
+                "--state",
+                "pending",
+                "--kind",
+                "stock.push",
+            ],
+        );
+        let ids: Vec<String> = (listed.as_array().unwrap().iter())
+            .map(|job| job["id"].as_u64().unwrap().to_string())
+            .collect();
+        if ids.len() == count {
+            return ids;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never {count} pending pushes: {listed:#}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discarded_pushes_stop_no_later_push_and_lose_no_value() {
+    let sim = simulator().await;
+    let downstream = Downstream::start().await;
+    let temp = tempfile::tempdir().unwrap();
+    let config = stock_config(temp.path(), &sim, &downstream, "", "");
+    let relay = RunningDaemon::start(temp.path(), &config);
+    let key = |product: &str| ("1".to_owned(), product.to_owned());
+
+    // A first push fails and waits for its next attempt; a second change
+    // stages a second push, queued behind the first.
+    downstream.answer(503);
+    sim.with_contract(|c| c.set_stock("1", "700", 5, 1));
+    notify(&relay, rows_now(&sim, &[("1", "700")])).await;
+    until(&downstream, |log| log.refused > 0).await;
+    sim.with_contract(|c| c.set_stock("1", "701", 6, 2));
+    notify(&relay, rows_now(&sim, &[("1", "701")])).await;
+    let pushes = until_pending_pushes(&config, 2).await;
+
+    // During the outage the operator gives both up, the second one first
+    // (so that it never starts), and the EC side comes back.
+    for push in pushes.iter().rev() {
+        operator(
+            &config,
+            &["outbox", "discard", push, "--reason", "test", "--yes"],
+        );
+    }
+    until_pending_pushes(&config, 0).await;
+    downstream.answer(200);
+
+    // The next change goes out, and with it the values the discarded
+    // pushes did not deliver: a discarded job's mark stops nothing.
+    sim.with_contract(|c| c.set_stock("1", "702", 7, 3));
+    notify(&relay, rows_now(&sim, &[("1", "702")])).await;
+    let log = until(&downstream, |log| log.latest().get(&key("702")) == Some(&7)).await;
+    assert_eq!(log.latest().get(&key("700")), Some(&5), "{log:?}");
+    assert_eq!(log.latest().get(&key("701")), Some(&6), "{log:?}");
+    assert!(relay.stop().success());
+    sim.stop().await;
+}
+
 /// Waits until the mirror knows `product` in `store` (read API, whose
 /// token is `STOCK_TOKEN`) and the push its refresh staged has run.
 /// Polls: nothing outside the daemon can be told.

@@ -842,6 +842,21 @@ impl Queue {
         }
     }
 
+    /// Whether job `id` is still to run (pending, or parked for an
+    /// operator), read inside the caller's transaction. A done, discarded
+    /// or pruned job is not.
+    pub fn is_unfinished_in(
+        outbox: &TransactionalTree,
+        id: u64,
+    ) -> ConflictableTransactionResult<bool, QueueError> {
+        match outbox.get(job_record(id))? {
+            None => Ok(false),
+            Some(bytes) => decode_job(&bytes)
+                .map(|job| !job.state.is_finished())
+                .or_else(abort),
+        }
+    }
+
     /// A pending job that is its key's head, i.e. one that may be running.
     fn running_head(
         outbox: &TransactionalTree,

@@ -394,7 +394,7 @@ impl StockBook {
             )?;
         }
         for (group, job_id) in &ids.refresh_jobs {
-            if stock.get(store_key(REFRESH_WAITING, group))?.is_some() {
+            if Self::job_waiting(stock, outbox, &store_key(REFRESH_WAITING, group))? {
                 continue;
             }
             let job = NewJob {
@@ -414,7 +414,7 @@ impl StockBook {
         let job_id = self.store.generate_id()?;
         let now = self.now();
         let result = (&self.tree, self.queue.tree()).transaction(|(stock, outbox)| {
-            if stock.get(BACKFILL_WAITING)?.is_none() {
+            if !Self::job_waiting(stock, outbox, BACKFILL_WAITING)? {
                 self.stage_backfill_in(stock, outbox, job_id, now)?;
             }
             Ok(())
@@ -481,7 +481,7 @@ impl StockBook {
         let result = (&self.tree, self.queue.tree()).transaction(|(stock, outbox)| {
             self.stage_hints(stock, outbox, &hints, &ids, now)?;
             stock.insert(BACKFILL_CURSOR, &last.to_be_bytes())?;
-            if full_page && stock.get(BACKFILL_WAITING)?.is_none() {
+            if full_page && !Self::job_waiting(stock, outbox, BACKFILL_WAITING)? {
                 self.stage_backfill_in(stock, outbox, next_job_id, now)?;
             }
             Ok(())
@@ -684,7 +684,7 @@ impl StockBook {
                         queued += 1;
                     }
                 }
-                if queued > 0 && stock.get(PUSH_WAITING)?.is_none() {
+                if queued > 0 && !Self::job_waiting(stock, outbox, PUSH_WAITING)? {
                     self.stage_push(stock, outbox, push_job_id, now)?;
                 }
                 Ok(changed)
@@ -708,6 +708,23 @@ impl StockBook {
         widen_abort(Queue::stage(outbox, job_id, &job, now))?;
         stock.insert(PUSH_WAITING, &job_id.to_be_bytes())?;
         Ok(())
+    }
+
+    /// Whether the waiting mark `mark` (`J`, `W` or `B`) names a job that
+    /// will still start. A job starts by removing its mark, so one an
+    /// operator discarded before it started leaves its mark behind; such a
+    /// mark must not keep the next job from being staged, or forwarding
+    /// would stop for good.
+    fn job_waiting(
+        stock: &TransactionalTree,
+        outbox: &TransactionalTree,
+        mark: &[u8],
+    ) -> TxResult<bool> {
+        let Some(value) = stock.get(mark)? else {
+            return Ok(false);
+        };
+        let id = u64_of(&value, "waiting job").map_err(ConflictableTransactionError::Abort)?;
+        widen_abort(Queue::is_unfinished_in(outbox, id))
     }
 
     /// `(store, product)`s that sends of ours under way may have moved
@@ -973,7 +990,7 @@ impl StockBook {
                 }
             }
             remove_batch(stock, job, items.len())?;
-            if requeued && stock.get(PUSH_WAITING)?.is_none() {
+            if requeued && !Self::job_waiting(stock, outbox, PUSH_WAITING)? {
                 self.stage_push(stock, outbox, next_job_id, now)?;
             }
             Ok(())
@@ -988,7 +1005,7 @@ impl StockBook {
         if !self.outgoing(1)?.is_empty() {
             let next_job_id = self.store.generate_id()?;
             let result = (&self.tree, self.queue.tree()).transaction(|(stock, outbox)| {
-                if stock.get(PUSH_WAITING)?.is_none() {
+                if !Self::job_waiting(stock, outbox, PUSH_WAITING)? {
                     self.stage_push(stock, outbox, next_job_id, now)?;
                 }
                 Ok(())
