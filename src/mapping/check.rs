@@ -6,6 +6,7 @@
 //! gives its row the line it starts on.
 
 use std::borrow::Cow;
+use std::collections::HashMap;
 
 use crate::config::MappingConfig;
 
@@ -350,12 +351,17 @@ fn recognise(headers: &[String]) -> Result<Layout, Vec<Problem>> {
         kind,
     };
 
+    // A map, not a search of the earlier names: a header line may hold
+    // any number of fields, and a quadratic search of a 1 MB one would
+    // take minutes.
+    let mut first_of: HashMap<&str, usize> = HashMap::with_capacity(normalized.len());
     let mut duplicates = Vec::new();
     for (i, name) in normalized.iter().enumerate() {
         if name.is_empty() {
             continue;
         }
-        if let Some(first) = normalized[..i].iter().position(|h| h == name) {
+        let first = *first_of.entry(name.as_str()).or_insert(i);
+        if first != i {
             duplicates.push(error(
                 Some(column(i)),
                 ProblemKind::DuplicateHeader {
@@ -1197,6 +1203,32 @@ mod tests {
         assert_eq!(checked.encoding, Some(TextEncoding::Utf8));
         assert_eq!(pairs(&checked), [(101, "A-1"), (102, "B_2.x")]);
         assert_eq!(checked.data_rows, 2);
+    }
+
+    #[test]
+    fn a_repeated_header_is_named_with_its_first_column_even_on_a_huge_header_line() {
+        // An export with 200,000 more columns: searching the earlier names
+        // for each would be 2·10¹⁰ comparisons.
+        let mut names: Vec<String> = ["smaregi-id", UPSERT_CODE_HEADER, UPSERT_FLAG_HEADER]
+            .map(str::to_owned)
+            .into();
+        names.extend((0..200_000).map(|i| format!("extra-{i}")));
+        names.push("extra-7".to_owned());
+        let repeat = names.len() - 1;
+        let checked = run(&format!("{}\n", names.join(",")));
+        assert_eq!(
+            kinds(&checked.errors),
+            [(
+                Some(1),
+                Some(repeat),
+                &ProblemKind::DuplicateHeader {
+                    first: Column {
+                        index: 3 + 7,
+                        header: "extra-7".to_owned()
+                    }
+                }
+            )]
+        );
     }
 
     #[test]
