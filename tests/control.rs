@@ -109,6 +109,13 @@ async fn operators_see_and_fix_a_parked_job_and_pause_delivery() {
     let status = relay_json(&config, &["status"]);
     assert_eq!(status["outbox"]["paused"]["smaregi"]["reason"], "棚卸中");
     assert_eq!(relay(&config, &["pause", "nowhere"]).0, 1);
+    let (code, _, stderr) = relay(&config, &["resume", "smaregii"]);
+    assert_eq!(code, 1, "a typo resumes nothing: {stderr}");
+    assert!(stderr.contains("no upstream \"smaregii\""), "{stderr}");
+    assert_eq!(
+        relay_json(&config, &["status"])["outbox"]["paused"]["smaregi"]["reason"],
+        "棚卸中"
+    );
     assert_eq!(relay(&config, &["resume"]).0, 0);
     assert!(relay_json(&config, &["status"])["outbox"]["paused"]
         .as_object()

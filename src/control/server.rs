@@ -192,10 +192,25 @@ impl Control {
                     .await
                     .map(|()| json!({ "paused": upstream }))
             }
-            Command::Resume { upstream } => engine
-                .resume(&upstream)
-                .await
-                .map(|()| json!({ "resumed": upstream })),
+            Command::Resume { upstream } => {
+                // A pause kept from an upstream no longer configured can
+                // still be lifted; a name that is neither is a typo.
+                if !engine.upstreams().contains(&upstream)
+                    && !engine.paused().contains_key(&upstream)
+                {
+                    return Reply::error(
+                        Failure::NotFound,
+                        format!(
+                            "no upstream {upstream:?}; the upstreams are {:?}",
+                            engine.upstreams()
+                        ),
+                    );
+                }
+                engine
+                    .resume(&upstream)
+                    .await
+                    .map(|()| json!({ "resumed": upstream }))
+            }
             Command::MappingStatus
             | Command::MappingLookup { .. }
             | Command::MappingHistory
