@@ -288,6 +288,10 @@ fn kind(value: &Value) -> &'static str {
 /// `2026-11-22T10:15:00+09:00` (RFC 3339, any offset, or `Z`) or Smaregi's
 /// own `2026-11-22 10:15:00` (JST), as JST seconds.
 pub fn parse_ordered_at(text: &str) -> Option<i64> {
+    // Both forms are ASCII, and the byte offsets below assume it.
+    if !text.is_ascii() {
+        return None;
+    }
     if text.len() == 19 && text.as_bytes()[10] == b' ' {
         return jst::parse(text);
     }
@@ -517,7 +521,11 @@ fn validate_lines(check: &mut Checker, value: Option<&Value>) -> Option<Vec<Orde
                 None
             }
             (None, None) => {
-                if !map.contains_key("external_code") && !map.contains_key("smaregi_product_id") {
+                // A present but invalid reference has its problem already;
+                // a missing or null one does not, and a line without its
+                // product must never be dropped silently.
+                let absent = |field| map.get(field).is_none_or(Value::is_null);
+                if absent("external_code") && absent("smaregi_product_id") {
                     check.problem(&at, "needs external_code or smaregi_product_id");
                 }
                 None
@@ -684,6 +692,25 @@ mod tests {
                 "lines[3].external_code",
             ]
         );
+    }
+
+    #[test]
+    fn a_line_whose_product_reference_is_null_is_refused_not_dropped() {
+        let mut order = sample();
+        order["lines"][0]["external_code"] = Value::Null;
+        order["lines"][1]["smaregi_product_id"] = Value::Null;
+        order["lines"][1]["external_code"] = Value::Null;
+        assert_eq!(fields(&order), ["lines[0]", "lines[1]"]);
+    }
+
+    #[test]
+    fn an_ordered_at_with_a_multibyte_character_is_refused() {
+        // Byte 19 falls inside the `é`.
+        assert_eq!(parse_ordered_at("2026-11-22T10:15:0é+09:00"), None);
+        assert_eq!(parse_ordered_at("2026-11-22 10:15:é"), None);
+        let mut order = sample();
+        order["ordered_at"] = json!("2026-11-22T10:15:0é+09:00");
+        assert_eq!(fields(&order), ["ordered_at"]);
     }
 
     #[test]
