@@ -32,6 +32,7 @@ use sled::transaction::{
     TransactionalTree,
 };
 use std::sync::Arc;
+use tracing::warn;
 
 use super::build::{build_sale, BuildError, BuildSettings, UnmappedLine};
 use super::model::Order;
@@ -355,7 +356,21 @@ impl OrderBook {
 
     /// Accepts a revision of an order: durable with its jobs on return.
     pub async fn put(&self, order: Order) -> Result<Put, OrderBookError> {
-        let built = self.build(&order)?;
+        let version = self.catalog.version();
+        let put = self.put_built(&order).await?;
+        // Held against a mapping that a new version replaced meanwhile: the
+        // release the new version woke may have looked before this order
+        // was held, so look again now that it is.
+        if matches!(put, Put::Accepted { held: Some(_), .. }) && self.catalog.version() != version {
+            if let Err(e) = self.release_held().await {
+                warn!(order = %order.order_id, error = %e, "orders: cannot release held orders after a mapping change");
+            }
+        }
+        Ok(put)
+    }
+
+    async fn put_built(&self, order: &Order) -> Result<Put, OrderBookError> {
+        let built = self.build(order)?;
         let digest = order.digest();
         let stamp = self.stamp()?;
         self.change(|trees| {
@@ -476,13 +491,17 @@ impl OrderBook {
     pub async fn release_held(&self) -> Result<usize, OrderBookError> {
         let mut released = 0;
         for order_id in self.held()? {
-            let Some(record) = self.record(&order_id)? else {
-                continue;
+            // One order that cannot be built (its record is corrupt, or the
+            // config changed under it) stays held; it must not keep the
+            // others from being released.
+            let (sale, revision) = match self.releasable(&order_id) {
+                Ok(Some(releasable)) => releasable,
+                Ok(None) => continue,
+                Err(e) => {
+                    warn!(order = %order_id, error = %e, "orders: a held order cannot be built; it stays held");
+                    continue;
+                }
             };
-            let Ok(sale) = self.build(&record.order)? else {
-                continue;
-            };
-            let revision = record.order.revision;
             let stamp = self.stamp()?;
             let done = self
                 .change(|trees| {
@@ -505,6 +524,18 @@ impl OrderBook {
         Ok(released)
     }
 
+    /// The registration of held order `order_id` and its revision, if the
+    /// catalog now knows all its products.
+    fn releasable(&self, order_id: &str) -> Result<Option<(Sale, u64)>, OrderBookError> {
+        let Some(record) = self.record(order_id)? else {
+            return Ok(None);
+        };
+        Ok(self
+            .build(&record.order)?
+            .ok()
+            .map(|sale| (sale, record.order.revision)))
+    }
+
     /// The job `id`, if the outbox still has it.
     pub fn job(&self, id: u64) -> Result<Option<Job>, OrderBookError> {
         Ok(self.queue.job(id)?)
@@ -518,5 +549,142 @@ impl OrderBook {
         Ok(self
             .ledger
             .registered(&self.settings.terminal_id, terminal_tran_id)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Mutex;
+
+    use serde_json::json;
+
+    use super::*;
+    use crate::config::{OrdersConfig, OutboxConfig, PaymentKind};
+    use crate::outbox::engine::EngineBuilder;
+    use crate::store::StoreOptions;
+
+    /// A mapping the test changes by hand. With `publish_during_lookup`,
+    /// the first look-up of an unknown code answers "unknown" and then
+    /// maps it in a new version: an import landing between an order's
+    /// build and its commit, which no real import can be timed to do.
+    #[derive(Default)]
+    struct HandMapping {
+        codes: Mutex<BTreeMap<String, String>>,
+        version: AtomicU64,
+        publish_during_lookup: AtomicBool,
+    }
+
+    impl HandMapping {
+        fn publish(&self, code: &str, id: &str) {
+            self.codes.lock().unwrap().insert(code.into(), id.into());
+            self.version.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    impl Catalog for HandMapping {
+        fn smaregi_id_for(&self, code: &str) -> Option<String> {
+            let found = self.codes.lock().unwrap().get(code).cloned();
+            if found.is_none() && self.publish_during_lookup.swap(false, Ordering::SeqCst) {
+                self.publish(code, "8000114");
+            }
+            found
+        }
+        fn external_code_for(&self, id: &str) -> Option<String> {
+            let codes = self.codes.lock().unwrap();
+            codes.iter().find(|(_, i)| *i == id).map(|(c, _)| c.clone())
+        }
+        fn version(&self) -> u64 {
+            self.version.load(Ordering::SeqCst)
+        }
+    }
+
+    fn settings(payment_methods: &[(&str, PaymentKind)]) -> BuildSettings {
+        let mut settings = BuildSettings::from_config(&OrdersConfig::default(), "9");
+        settings.default_store_id = Some("1".into());
+        settings.payment_methods = (payment_methods.iter())
+            .map(|(name, kind)| (name.to_string(), *kind))
+            .collect();
+        settings
+    }
+
+    fn order(order_id: &str, code: &str, payment_method: &str) -> Order {
+        super::super::model::validate_order(
+            order_id,
+            &json!({
+                "order_id": order_id,
+                "revision": 1,
+                "ordered_at": "2026-11-22T10:15:00+09:00",
+                "lines": [{"external_code": code, "name": "緑茶", "unit_price": 150, "quantity": 2, "tax_rate": 8}],
+                "payment_method": payment_method,
+            }),
+        )
+        .unwrap()
+    }
+
+    fn is_held(book: &OrderBook, order_id: &str) -> bool {
+        let record = book.record(order_id).unwrap().unwrap();
+        matches!(record.status, OrderStatus::Held { .. })
+    }
+
+    fn open(store: &Store, settings: BuildSettings, mapping: &Arc<HandMapping>) -> OrderBook {
+        let engine = EngineBuilder::new(store, &OutboxConfig::default())
+            .unwrap()
+            .build()
+            .unwrap();
+        OrderBook::open(&engine, settings, Arc::clone(mapping) as Arc<dyn Catalog>).unwrap()
+    }
+
+    #[tokio::test]
+    async fn an_order_held_while_a_mapping_that_knows_it_landed_is_released_at_once() {
+        let temp = tempfile::tempdir().unwrap();
+        let store = Store::open(&StoreOptions {
+            directory: temp.path().join("db"),
+            cache_capacity_bytes: 8 << 20,
+        })
+        .unwrap();
+        let mapping = Arc::new(HandMapping::default());
+        mapping.publish_during_lookup.store(true, Ordering::SeqCst);
+        let book = open(&store, settings(&[]), &mapping);
+
+        let put = book.put(order("A-1", "TEA-500", "cash")).await.unwrap();
+        assert!(
+            matches!(put, Put::Accepted { held: Some(_), .. }),
+            "{put:?}"
+        );
+        assert_eq!(mapping.version(), 1, "the import landed during the put");
+        assert!(!is_held(&book, "A-1"), "released by the put itself");
+        assert!(book.held().unwrap().is_empty());
+        store.close().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_held_order_that_cannot_be_built_keeps_no_other_from_release() {
+        let temp = tempfile::tempdir().unwrap();
+        let store = Store::open(&StoreOptions {
+            directory: temp.path().join("db"),
+            cache_capacity_bytes: 8 << 20,
+        })
+        .unwrap();
+        let mapping = Arc::new(HandMapping::default());
+        let book = open(&store, settings(&[]), &mapping);
+        for (id, method) in [("A-1", "cash"), ("B-1", "credit")] {
+            book.put(order(id, "TEA-500", method)).await.unwrap();
+        }
+        assert_eq!(book.held().unwrap(), ["A-1", "B-1"]);
+
+        // Restarted with a config that no longer knows A-1's payment.
+        drop(book);
+        let book = open(
+            &store,
+            settings(&[("credit", PaymentKind::Credit)]),
+            &mapping,
+        );
+        mapping.publish("TEA-500", "8000114");
+        assert_eq!(book.release_held().await.unwrap(), 1);
+        assert!(is_held(&book, "A-1"), "it stays held");
+        assert!(!is_held(&book, "B-1"), "released");
+        store.close().await.unwrap();
     }
 }
