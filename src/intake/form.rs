@@ -222,6 +222,10 @@ mod fast {
     struct Row;
     /// A string, a number or null.
     struct Scalar;
+    /// Any value, skipped. Unlike [`IgnoredAny`], which serde_json skips
+    /// without counting how deep it goes, each level goes through
+    /// `deserialize_any`, so the 128-level nesting limit holds here too.
+    struct Skip;
 
     fn once<T>(slot: &mut Option<T>, value: T, key: &str) -> Result<(), String> {
         if slot.replace(value).is_some() {
@@ -246,7 +250,7 @@ mod fast {
                             let tables = tables.into_iter().map(|t| (t.0, t.1)).collect();
                             once(&mut data, tables, &key).map_err(A::Error::custom)?;
                         } else {
-                            map.next_value::<IgnoredAny>()?;
+                            map.next_value::<Skip>()?;
                         }
                     }
                     data.map(Envelope)
@@ -272,7 +276,7 @@ mod fast {
                             "table_name" => once(&mut name, map.next_value::<String>()?, &key),
                             "rows" => once(&mut rows, map.next_value::<Rows>()?.0, &key),
                             _ => {
-                                map.next_value::<IgnoredAny>()?;
+                                map.next_value::<Skip>()?;
                                 Ok(())
                             }
                         }
@@ -324,6 +328,45 @@ mod fast {
                 }
             }
             deserializer.deserialize_map(V)
+        }
+    }
+
+    impl<'de> Deserialize<'de> for Skip {
+        fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+            struct V;
+            impl<'de> Visitor<'de> for V {
+                type Value = Skip;
+                fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                    f.write_str("any value")
+                }
+                fn visit_bool<E: Error>(self, _: bool) -> Result<Skip, E> {
+                    Ok(Skip)
+                }
+                fn visit_i64<E: Error>(self, _: i64) -> Result<Skip, E> {
+                    Ok(Skip)
+                }
+                fn visit_u64<E: Error>(self, _: u64) -> Result<Skip, E> {
+                    Ok(Skip)
+                }
+                fn visit_f64<E: Error>(self, _: f64) -> Result<Skip, E> {
+                    Ok(Skip)
+                }
+                fn visit_str<E: Error>(self, _: &str) -> Result<Skip, E> {
+                    Ok(Skip)
+                }
+                fn visit_unit<E: Error>(self) -> Result<Skip, E> {
+                    Ok(Skip)
+                }
+                fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Skip, A::Error> {
+                    while seq.next_element::<Skip>()?.is_some() {}
+                    Ok(Skip)
+                }
+                fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Skip, A::Error> {
+                    while map.next_entry::<IgnoredAny, Skip>()?.is_some() {}
+                    Ok(Skip)
+                }
+            }
+            deserializer.deserialize_any(V)
         }
     }
 
@@ -572,6 +615,34 @@ mod tests {
         );
         let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
         assert!(read(&[("proc_name", "stock_send"), ("params", &deep)]).contains("recursion limit"));
+        // Also in a member nothing reads, beside a valid envelope.
+        let deep_aside = format!(
+            r#"{{"data":[{{"table_name":"Stock","rows":[{{"storeId":"1","productId":"5"}}],"y":{}1{}}}],"x":{}1{}}}"#,
+            "[".repeat(200),
+            "]".repeat(200),
+            "[".repeat(200),
+            "]".repeat(200)
+        );
+        assert!(
+            read(&[("proc_name", "stock_send"), ("params", &deep_aside)])
+                .contains("recursion limit")
+        );
+        let shallow_aside = format!(
+            r#"{{"data":[{{"table_name":"Stock","rows":[{{"storeId":"1","productId":"5"}}],"y":{{"z":[1,"a",null,true,1.5]}}}}],"x":{}1{}}}"#,
+            "[".repeat(100),
+            "]".repeat(100)
+        );
+        assert!(
+            read_notification(
+                &decode_form(&form(&[
+                    ("proc_name", "stock_send"),
+                    ("params", &shallow_aside)
+                ]))
+                .unwrap()
+            )
+            .is_ok(),
+            "within the limit, members nothing reads are fine"
+        );
     }
 
     #[test]
