@@ -562,6 +562,39 @@ async fn discarded_pushes_stop_no_later_push_and_lose_no_value() {
     sim.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trusting_notices_an_older_one_that_comes_later_does_not_replace_a_newer_one() {
+    let sim = simulator().await;
+    let downstream = Downstream::start().await;
+    let temp = tempfile::tempdir().unwrap();
+    let config = stock_config(
+        temp.path(),
+        &sim,
+        &downstream,
+        "source = \"notification\"\n",
+        "",
+    );
+    let relay = RunningDaemon::start(temp.path(), &config);
+    let key = ("1".to_owned(), "800".to_owned());
+
+    // Refreshes wait, so that both notices are waiting at once; Smaregi
+    // sends the newer one first.
+    operator(&config, &["pause", "smaregi", "--reason", "test"]);
+    for (amount, at) in [("4", "2026-11-22 10:00:05"), ("5", "2026-11-22 10:00:00")] {
+        let row =
+            json!({"storeId": "1", "productId": "800", "stockAmount": amount, "updDateTime": at});
+        notify(&relay, json!([row])).await;
+    }
+    operator(&config, &["resume", "smaregi"]);
+    until(&downstream, |log| log.values.contains_key(&key)).await;
+    until_outbox(&config, |outbox| outbox["pending"] == 0).await;
+    let log = downstream.log.borrow().clone();
+    let amounts: Vec<i64> = log.values[&key].iter().map(|v| v.stock).collect();
+    assert_eq!(amounts, [4], "{log:?}");
+    assert!(relay.stop().success());
+    sim.stop().await;
+}
+
 /// Waits until the mirror knows `product` in `store` (read API, whose
 /// token is `STOCK_TOKEN`) and the push its refresh staged has run.
 /// Polls: nothing outside the daemon can be told.

@@ -383,15 +383,26 @@ impl StockBook {
         now: u64,
     ) -> TxResult<()> {
         for (hint, stamp) in hints.iter().zip(&ids.stamps) {
+            let key = pair_key(DIRTY, &hint.store_id, &hint.product_id);
+            // Smaregi promises no order: a notice older than the one still
+            // waiting must not replace it (the mirror's own check never
+            // sees the one it would replace).
+            if let (Some(bytes), Some(now)) = (stock.get(&key)?, &hint.updated_at) {
+                let waiting: Dirty = tx_decode(&bytes, "dirty")?;
+                if waiting
+                    .updated_at
+                    .as_ref()
+                    .is_some_and(|before| now < before)
+                {
+                    continue;
+                }
+            }
             let dirty = Dirty {
                 stamp: *stamp,
                 amount: hint.amount,
                 updated_at: hint.updated_at.clone(),
             };
-            stock.insert(
-                pair_key(DIRTY, &hint.store_id, &hint.product_id),
-                serde_json::to_vec(&dirty).expect("serialises"),
-            )?;
+            stock.insert(key, serde_json::to_vec(&dirty).expect("serialises"))?;
         }
         for (group, job_id) in &ids.refresh_jobs {
             if Self::job_waiting(stock, outbox, &store_key(REFRESH_WAITING, group))? {
