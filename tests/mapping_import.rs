@@ -183,6 +183,37 @@ fn the_daemon_imports_good_files_and_rejects_bad_ones_with_reports() {
 }
 
 #[test]
+fn folders_staff_deleted_are_made_again_and_no_file_is_stranded() {
+    let s = setup(MAPPING_CONFIG);
+    let daemon = RunningDaemon::start(&s.dir, &s.config);
+    let (processed, rejected) = (s.drop.join("processed"), s.drop.join("rejected"));
+    wait_until("the daemon made its folders", || rejected.is_dir());
+    for folder in [".work", "processed", "rejected"] {
+        fs::remove_dir_all(s.drop.join(folder)).unwrap();
+    }
+
+    drop_file(
+        &s.drop,
+        "broken.csv",
+        b"smaregi-id,external-code\n101,A-1 \n",
+    );
+    wait_until("the file is rejected", || names(&rejected).len() == 2);
+    assert_eq!(names(&rejected), ["broken.csv", "broken.csv.report.txt"]);
+    drop_file(&s.drop, "map.csv", b"smaregi-id,external-code\n101,A-1\n");
+    wait_until("the file is processed", || names(&processed).len() == 2);
+    assert_eq!(
+        names(&s.drop),
+        ["processed", "rejected"],
+        "nothing left behind"
+    );
+    assert!(names(&s.drop.join(".work")).is_empty(), "nothing stranded");
+
+    assert!(daemon.stop().success());
+    let (version, pairs) = stored_mapping(&s.dir.join("state"));
+    assert_eq!((version, pairs), (1, vec![("A-1".into(), "101".into())]));
+}
+
+#[test]
 fn the_polling_watcher_takes_files_too() {
     let s = setup(
         "[mapping]\nwatch = \"poll\"\npoll-interval-seconds = 1\nsettle-milliseconds = 200\n",

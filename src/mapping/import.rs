@@ -228,6 +228,10 @@ impl Importer {
     /// Takes `name` from the drop folder (an atomic rename into `.work/`)
     /// and imports or rejects it.
     pub async fn take(&self, name: &OsStr) -> Result<Outcome, MappingError> {
+        // Staff may have deleted our folders (on a share, while tidying
+        // up): without them a file would stay in `.work/` unreported, or
+        // never leave the drop folder.
+        self.folders.create()?;
         let source = self.folders.drop.join(name);
         let sequence = SEQUENCE.fetch_add(1, Ordering::Relaxed);
         let mut taken_name = std::ffi::OsString::from(format!(
