@@ -164,7 +164,15 @@ pub fn read_answer(
         .as_ref()
         .and_then(|json| api_error(status, json, secrets))
     {
-        return Err(error);
+        // From a busy or failing Smaregi (429, 5xx) the status says what to
+        // do, and keeps its Retry-After; an error code in the body decides
+        // only if it names a configuration error.
+        let status_decides = status == 429 || status >= 500;
+        let configuration =
+            matches!(&error, CallError::Api { code, .. } if CONFIGURATION_CODES.contains(code));
+        if !status_decides || configuration {
+            return Err(error);
+        }
     }
     match (status, json) {
         (200, Some(json)) => Ok(json),
@@ -370,6 +378,26 @@ mod tests {
             read_answer(200, None, b"{\"a\":1}", &[]),
             Ok(json!({"a": 1}))
         );
+    }
+
+    #[test]
+    fn a_busy_or_failing_smaregi_is_judged_by_its_status_even_with_an_error_code() {
+        let unlisted = json!({"error_code": 99, "error": "busy"}).to_string();
+        let busy = read_answer(429, Some("7"), unlisted.as_bytes(), &[]).unwrap_err();
+        assert_eq!(
+            busy.class(true),
+            Class::Retryable {
+                retry_after: Some(Duration::from_secs(7))
+            }
+        );
+        let failing = read_answer(503, None, unlisted.as_bytes(), &[]).unwrap_err();
+        assert_eq!(failing.class(true), Class::Ambiguous { retry_after: None });
+        assert!(failing.to_string().contains("busy"), "{failing}");
+        let configuration = json!({"error_code": 13, "error": "invalid_token"}).to_string();
+        let paused = read_answer(503, None, configuration.as_bytes(), &[]).unwrap_err();
+        assert_eq!(paused.class(true), Class::Configuration);
+        let refused = read_answer(400, None, unlisted.as_bytes(), &[]).unwrap_err();
+        assert_eq!(refused.class(true), Class::Permanent);
     }
 
     #[test]
