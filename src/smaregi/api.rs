@@ -209,10 +209,10 @@ fn api_error(status: u16, json: &Value, secrets: &[&str]) -> Option<CallError> {
 }
 
 /// `TransactionHeadIds[0]` of a `transaction_upd` answer.
-pub fn registered_id(answer: &Value) -> Result<u64, CallError> {
+pub fn registered_id(answer: &Value, secrets: &[&str]) -> Result<u64, CallError> {
     let malformed = |problem: &str| CallError::Malformed {
         problem: problem.into(),
-        snippet: snippet(answer.to_string().as_bytes(), &[]),
+        snippet: snippet(answer.to_string().as_bytes(), secrets),
     };
     let ids = answer
         .pointer("/result/TransactionHeadIds")
@@ -231,10 +231,10 @@ pub fn registered_id(answer: &Value) -> Result<u64, CallError> {
 }
 
 /// The rows and `total_count` of a `*_ref` answer.
-pub fn rows(answer: &Value) -> Result<(u64, Vec<Row>), CallError> {
+pub fn rows(answer: &Value, secrets: &[&str]) -> Result<(u64, Vec<Row>), CallError> {
     let malformed = |problem: String| CallError::Malformed {
         problem,
-        snippet: snippet(answer.to_string().as_bytes(), &[]),
+        snippet: snippet(answer.to_string().as_bytes(), secrets),
     };
     let total = match answer.get("total_count") {
         Some(Value::String(text)) => text.parse().ok(),
@@ -403,7 +403,7 @@ mod tests {
     #[test]
     fn a_registration_answer_must_carry_an_id() {
         let good = json!({"result": {"TransactionHead": 1, "TransactionHeadIds": ["952"], "TransactionDetail": 2}});
-        assert_eq!(registered_id(&good), Ok(952));
+        assert_eq!(registered_id(&good, &[]), Ok(952));
         for bad in [
             json!({"result": {"TransactionHeadIds": []}}),
             json!({"result": {"TransactionHeadIds": ["abc"]}}),
@@ -412,8 +412,23 @@ mod tests {
             json!([]),
         ] {
             assert!(
-                matches!(registered_id(&bad), Err(CallError::Malformed { .. })),
+                matches!(registered_id(&bad, &[]), Err(CallError::Malformed { .. })),
                 "{bad}"
+            );
+        }
+        // An answer of the wrong shape that echoes a credential: the
+        // snippet kept on the job does not show it.
+        let echo = json!({"result": {"TransactionHeadIds": []}, "token": "SECRET-TOKEN"});
+        let shape = json!({"total_count": "x", "contract": "c-123"});
+        for error in [
+            registered_id(&echo, &["SECRET-TOKEN", "c-123"]).unwrap_err(),
+            rows(&shape, &["SECRET-TOKEN", "c-123"]).unwrap_err(),
+        ] {
+            let shown = error.to_string();
+            assert!(shown.contains("unexpected answer"), "{shown}");
+            assert!(
+                !shown.contains("SECRET-TOKEN") && !shown.contains("c-123"),
+                "{shown}"
             );
         }
     }
@@ -421,7 +436,7 @@ mod tests {
     #[test]
     fn rows_must_be_objects_of_strings() {
         let answer = json!({"total_count": "2", "result": [{"storeId": "1", "stockAmount": "4"}, {"storeId": "2", "stockAmount": 5, "x": null}]});
-        let (total, read) = rows(&answer).unwrap();
+        let (total, read) = rows(&answer, &[]).unwrap();
         assert_eq!(total, 2);
         assert_eq!(read[1]["stockAmount"], "5");
         assert!(!read[1].contains_key("x"));
@@ -431,7 +446,7 @@ mod tests {
             json!({"total_count": "1", "result": [{"a": {"b": 1}}]}),
             json!({"total_count": "1"}),
         ] {
-            assert!(rows(&bad).is_err(), "{bad}");
+            assert!(rows(&bad, &[]).is_err(), "{bad}");
         }
     }
 

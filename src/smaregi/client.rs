@@ -96,11 +96,15 @@ impl SmaregiClient {
             .and_then(|value| value.to_str().ok())
             .map(str::to_owned);
         let body = response.bytes().await.map_err(transport_error)?;
-        let secrets = [
+        api::read_answer(status, retry_after.as_deref(), &body, &self.secrets())
+    }
+
+    /// What every snippet of an answer kept on a job must not show.
+    fn secrets(&self) -> [&str; 2] {
+        [
             self.contract_id.expose_secret(),
             self.access_token.expose_secret(),
-        ];
-        api::read_answer(status, retry_after.as_deref(), &body, &secrets)
+        ]
     }
 
     /// 取引登録: registers `sale`; Smaregi's `transactionHeadId`.
@@ -108,7 +112,7 @@ impl SmaregiClient {
         let answer = self
             .call("transaction_upd", &sale.transaction_upd_params())
             .await?;
-        api::registered_id(&answer)
+        api::registered_id(&answer, &self.secrets())
     }
 
     /// 取消: marks the registered transaction `transaction_head_id` as
@@ -122,11 +126,11 @@ impl SmaregiClient {
             }]}],
         });
         let answer = self.call("transaction_upd", &params).await?;
-        let id = api::registered_id(&answer)?;
+        let id = api::registered_id(&answer, &self.secrets())?;
         if id != transaction_head_id {
             return Err(CallError::Malformed {
                 problem: format!("cancelled transaction {id}, not {transaction_head_id}"),
-                snippet: api::snippet(answer.to_string().as_bytes(), &[]),
+                snippet: api::snippet(answer.to_string().as_bytes(), &self.secrets()),
             });
         }
         Ok(())
@@ -155,7 +159,10 @@ impl SmaregiClient {
             "limit": 10,
             "page": 1,
         });
-        let (_, rows) = api::rows(&self.call("transaction_ref", &params).await?)?;
+        let (_, rows) = api::rows(
+            &self.call("transaction_ref", &params).await?,
+            &self.secrets(),
+        )?;
         let found = rows
             .iter()
             .filter(|row| row.get("terminalTranId") == Some(&sale.terminal_tran_id))
@@ -186,10 +193,11 @@ impl SmaregiClient {
                     "limit": STOCK_BATCH,
                     "page": page,
                 });
-                let (total, rows) = api::rows(&self.call("stock_ref", &params).await?)?;
+                let (total, rows) =
+                    api::rows(&self.call("stock_ref", &params).await?, &self.secrets())?;
                 let fetched = rows.len();
                 for row in rows {
-                    stock.push(stock_row(&row)?);
+                    stock.push(stock_row(&row, &self.secrets())?);
                 }
                 if fetched < STOCK_BATCH || (page * STOCK_BATCH) as u64 >= total {
                     break;
@@ -214,19 +222,19 @@ impl SmaregiClient {
             "limit": limit,
             "page": 1,
         });
-        let (_, rows) = api::rows(&self.call("stock_ref", &params).await?)?;
+        let (_, rows) = api::rows(&self.call("stock_ref", &params).await?, &self.secrets())?;
         let mut changes = Vec::with_capacity(rows.len());
         for row in rows {
             let field = |name: &str| {
                 row.get(name).cloned().ok_or_else(|| CallError::Malformed {
                     problem: format!("a StockHistory row has no {name}"),
-                    snippet: api::snippet(format!("{row:?}").as_bytes(), &[]),
+                    snippet: api::snippet(format!("{row:?}").as_bytes(), &self.secrets()),
                 })
             };
             let id = field("stockHistoryId")?;
             let id = id.parse().map_err(|_| CallError::Malformed {
                 problem: format!("stockHistoryId {id:?} is not a number"),
-                snippet: api::snippet(format!("{row:?}").as_bytes(), &[]),
+                snippet: api::snippet(format!("{row:?}").as_bytes(), &self.secrets()),
             })?;
             changes.push((id, field("storeId")?, field("productId")?));
         }
@@ -236,11 +244,11 @@ impl SmaregiClient {
     }
 }
 
-fn stock_row(row: &Row) -> Result<StockRow, CallError> {
+fn stock_row(row: &Row, secrets: &[&str]) -> Result<StockRow, CallError> {
     let field = |name: &str| {
         row.get(name).cloned().ok_or_else(|| CallError::Malformed {
             problem: format!("a Stock row has no {name}"),
-            snippet: api::snippet(format!("{row:?}").as_bytes(), &[]),
+            snippet: api::snippet(format!("{row:?}").as_bytes(), secrets),
         })
     };
     let amount = field("stockAmount")?;
@@ -249,7 +257,7 @@ fn stock_row(row: &Row) -> Result<StockRow, CallError> {
         product_id: field("productId")?,
         amount: amount.parse().map_err(|_| CallError::Malformed {
             problem: format!("stockAmount {amount:?} is not a number"),
-            snippet: api::snippet(format!("{row:?}").as_bytes(), &[]),
+            snippet: api::snippet(format!("{row:?}").as_bytes(), secrets),
         })?,
         updated_at: row.get("updDateTime").cloned().unwrap_or_default(),
     })
