@@ -1556,16 +1556,9 @@ impl PushExecutor {
             .stored_batch(job)?
             .map(|(head, _)| head.webhook_id);
         let body = batch_body(items, self.clamp);
-        // An absolute batch is named by its content: a resend of the same
-        // values has the same id (the receiver may drop it), a batch with
-        // anything newer has another. A delta batch has an id of its own,
-        // kept until it is acknowledged: two equal changes are two changes.
-        let id = stored.unwrap_or_else(|| {
-            let digest = ring::digest::digest(&ring::digest::SHA256, &body);
-            std::iter::once("stock_".to_owned())
-                .chain(digest.as_ref()[..16].iter().map(|b| format!("{b:02x}")))
-                .collect()
-        });
+        // A delta batch has an id of its own, kept until it is
+        // acknowledged: two equal changes are two changes.
+        let id = stored.unwrap_or_else(|| absolute_batch_id(&body, items));
         let timestamp = crate::outbox::retry::unix_millis(std::time::SystemTime::now()) / 1000;
         let response = self
             .http
@@ -1624,6 +1617,24 @@ impl PushExecutor {
 }
 
 /// The JSON body of a batch; see the README for the format.
+/// An absolute batch's webhook-id, named by its content and by the mirror
+/// values behind it: a resend of the same values has the same id (the
+/// receiver may drop it), while a batch with anything learned since has
+/// another, even a value equal to an earlier one (5, then 4, then 5
+/// again, without Smaregi's times, is the same body twice).
+fn absolute_batch_id(body: &[u8], items: &[Item]) -> String {
+    let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
+    digest.update(body);
+    for (store, stamp) in items.iter().flat_map(|item| &item.marks) {
+        digest.update(store.as_bytes());
+        digest.update(&[0]);
+        digest.update(&stamp.to_be_bytes());
+    }
+    std::iter::once("stock_".to_owned())
+        .chain(digest.finish().as_ref()[..16].iter().map(|b| format!("{b:02x}")))
+        .collect()
+}
+
 pub fn batch_body(items: &[Item], clamp: Clamp) -> Vec<u8> {
     let stock: Vec<serde_json::Value> = items
         .iter()
@@ -1696,4 +1707,33 @@ pub fn register_executors(
             .executor(HELD_KIND, DOWNSTREAM, Arc::new(executor(true)));
     }
     Ok(builder)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn item(stock: i64, stamp: u64) -> Item {
+        Item {
+            store_id: "1".into(),
+            product: "800".into(),
+            stock,
+            delta: None,
+            updated_at: None,
+            external_code: Some("TEA-500".into()),
+            mapping_version: 1,
+            marks: vec![("1".into(), stamp)],
+        }
+    }
+
+    #[test]
+    fn an_absolute_batch_id_names_the_values_and_when_they_were_learned() {
+        let id = |items: &[Item]| absolute_batch_id(&batch_body(items, Clamp::default()), items);
+        // A resend of the same values: the same id.
+        assert_eq!(id(&[item(5, 10)]), id(&[item(5, 10)]));
+        assert!(id(&[item(5, 10)]).starts_with("stock_"));
+        // Anything newer: another id, also 5 learned again after a 4.
+        assert_ne!(id(&[item(5, 10)]), id(&[item(4, 11)]));
+        assert_ne!(id(&[item(5, 10)]), id(&[item(5, 12)]));
+    }
 }
