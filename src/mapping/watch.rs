@@ -146,9 +146,15 @@ async fn watch(
             },
             _ = rescan_timer.tick() => rescan(&folders.drop, &mut pending),
             _ = settle_timer.tick(), if !pending.is_empty() => {
-                for name in ready(&folders.drop, &mut pending, options.settle) {
+                for (name, settled) in ready(&folders.drop, &mut pending, options.settle) {
                     if shutdown.is_cancelled() {
                         return;
+                    }
+                    // The files before it may have taken long to import: one
+                    // written to meanwhile (a copy over it) settles again.
+                    if let Some(changed) = changed_since(&folders.drop.join(&name), settled) {
+                        pending.insert(name, (changed, Instant::now()));
+                        continue;
                     }
                     match importer.take(&name).await {
                         Ok(outcome) => importer.record(&outcome),
@@ -299,14 +305,14 @@ fn ready(
     drop: &Path,
     pending: &mut HashMap<OsString, (Seen, Instant)>,
     settle: Duration,
-) -> Vec<OsString> {
+) -> Vec<(OsString, Option<Seen>)> {
     let mut ready = Vec::new();
     pending.retain(|name, (last, since)| {
         let Ok(metadata) = drop.join(name).symlink_metadata() else {
             return false;
         };
         if !metadata.is_file() {
-            ready.push(name.clone());
+            ready.push((name.clone(), None));
             return false;
         }
         let now = seen(&metadata);
@@ -316,11 +322,40 @@ fn ready(
             return true;
         }
         if since.elapsed() >= settle {
-            ready.push(name.clone());
+            ready.push((name.clone(), Some(now)));
             return false;
         }
         true
     });
-    ready.sort();
+    ready.sort_by(|a, b| a.0.cmp(&b.0));
     ready
+}
+
+/// What a file that settled as `settled` looks like now, if it changed
+/// since; `None` if it did not (or is no file, or is gone: taking it
+/// reports that).
+fn changed_since(path: &Path, settled: Option<Seen>) -> Option<Seen> {
+    let metadata = path.symlink_metadata().ok().filter(fs::Metadata::is_file)?;
+    let now = seen(&metadata);
+    (Some(now) != settled).then_some(now)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_settled_file_written_to_since_is_not_taken_yet() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("map.csv");
+        fs::write(&path, "smaregi-id,external-code\n101,A-1\n").unwrap();
+        let settled = Some(seen(&path.symlink_metadata().unwrap()));
+        assert_eq!(changed_since(&path, settled), None, "unchanged: taken");
+        // Copied over again: truncated, then written anew.
+        fs::write(&path, "smaregi-id,external-code\n").unwrap();
+        let now = changed_since(&path, settled).expect("changed: settles again");
+        assert_eq!(now.size, 25);
+        let gone = dir.path().join("gone.csv");
+        assert_eq!(changed_since(&gone, settled), None, "taking it reports it");
+    }
 }

@@ -1631,7 +1631,11 @@ fn absolute_batch_id(body: &[u8], items: &[Item]) -> String {
         digest.update(&stamp.to_be_bytes());
     }
     std::iter::once("stock_".to_owned())
-        .chain(digest.finish().as_ref()[..16].iter().map(|b| format!("{b:02x}")))
+        .chain(
+            digest.finish().as_ref()[..16]
+                .iter()
+                .map(|b| format!("{b:02x}")),
+        )
         .collect()
 }
 
