@@ -680,10 +680,12 @@ impl<'t> Records for PlainRecords<'t> {
 
     fn advance(&mut self) -> Option<u64> {
         let bytes = self.text.as_bytes();
-        // Line breaks before the record: no records of their own.
+        // Line breaks before the record: no records of their own. A line
+        // ends with CRLF, LF, or a CR alone (old Mac and Excel for Mac).
         while let Some(&b) = bytes.get(self.offset) {
             match b {
                 b'\n' => self.line += 1,
+                b'\r' if bytes.get(self.offset + 1) != Some(&b'\n') => self.line += 1,
                 b'\r' => {}
                 _ => break,
             }
@@ -857,13 +859,24 @@ impl<'a> LineCounter<'a> {
         while matches!(self.text.get(start), Some(b'\r' | b'\n')) {
             start += 1;
         }
-        self.line += self.text[self.offset..start]
-            .iter()
-            .filter(|&&b| b == b'\n')
-            .count() as u64;
+        self.line += line_breaks(&self.text[self.offset..start], self.text.get(start));
         self.offset = start;
         self.line
     }
+}
+
+/// How many lines end in `bytes`, followed by `next`: at each LF, and at
+/// each CR not followed by an LF (a CR alone ends a line too).
+fn line_breaks(bytes: &[u8], next: Option<&u8>) -> u64 {
+    let following = bytes
+        .iter()
+        .skip(1)
+        .chain(std::iter::once(next.unwrap_or(&0)));
+    bytes
+        .iter()
+        .zip(following)
+        .filter(|&(&b, &after)| b == b'\n' || (b == b'\r' && after != b'\n'))
+        .count() as u64
 }
 
 /// The external-code rule, with the common case decided by a table.
@@ -1229,6 +1242,30 @@ mod tests {
                 }
             )]
         );
+    }
+
+    #[test]
+    fn lines_that_end_with_a_cr_alone_are_counted_too() {
+        // Excel for Mac's "Macintosh CSV": each line ends with a CR alone;
+        // one file for the plain reader, one with quotes for the csv crate.
+        for text in [
+            "smaregi-id,external-code\r101,A-1\r\r102,B 2\r103,C-3\r103,D-4\r",
+            "smaregi-id,external-code\r101,\"A-1\"\r\r102,\"B 2\"\r103,C-3\r103,D-4\r",
+        ] {
+            let checked = run(text);
+            let lines: Vec<_> = (checked.errors.iter())
+                .map(|p| match &p.kind {
+                    ProblemKind::IdTwice { first_line, .. } => (p.line, Some(*first_line)),
+                    _ => (p.line, None),
+                })
+                .collect();
+            assert_eq!(
+                lines,
+                [(Some(4), None), (Some(6), Some(5))],
+                "{text:?}: {:?}",
+                checked.errors
+            );
+        }
     }
 
     #[test]
