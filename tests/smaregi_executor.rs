@@ -150,6 +150,37 @@ async fn a_send_whose_answer_was_lost_is_found_not_sent_again() {
 }
 
 #[tokio::test]
+async fn a_send_made_again_after_its_look_up_is_in_flight_from_then() {
+    let mut h = Harness::new(simulator().await).await;
+    let (job, sale) = h.jobs.register("order:1", &sale()).await.unwrap();
+    // Sent long ago (at time 0), the answer lost, and Smaregi has nothing.
+    let ledger = Ledger::open(&h.store).unwrap();
+    let moved = Echo {
+        store_id: "1".into(),
+        moves: vec![("113".into(), -1)],
+    };
+    ledger
+        .record_send_started(TERMINAL, &sale.terminal_tran_id, &moved, 0)
+        .await
+        .unwrap();
+    // The look-up works; the send again is refused (and pauses Smaregi).
+    h.sim.set_faults(Faults {
+        disabled: vec!["transaction_upd".into()],
+        ..Faults::default()
+    });
+    let before = smaregi_relay::outbox::retry::unix_millis(std::time::SystemTime::now());
+    h.start();
+    assert_eq!(h.outcome(job).await, Settled::UpstreamPaused(job));
+    let sends = smaregi_relay::smaregi::ledger::in_flight(ledger.tree()).unwrap();
+    assert_eq!(sends.len(), 1, "{sends:?}");
+    assert!(
+        sends[0].since >= before,
+        "in flight since the send made again, not since the first: {sends:?}"
+    );
+    h.stop().await;
+}
+
+#[tokio::test]
 async fn malformed_answers_are_ambiguous_and_kept_on_the_job_as_a_snippet() {
     let mut h = Harness::new(simulator().await).await;
     h.sim.set_faults(Faults {

@@ -101,17 +101,19 @@ impl TransactionExecutor {
                 Ok(None) => {}
                 Err(e) => return lookup_failed(&e),
             },
-            Ok(false) => {
-                let now = unix_millis(std::time::SystemTime::now());
-                if let Err(e) = self
-                    .ledger
-                    .record_send_started(terminal, tran, &echo_of(sale), now)
-                    .await
-                {
-                    return store_failed(e);
-                }
-            }
+            Ok(false) => {}
             Err(e) => return store_failed(e),
+        }
+        // Marked before every send, a second one too: its products are in
+        // flight from now, and an in-flight mark older than the stock
+        // refresh's patience no longer guards them.
+        let now = unix_millis(std::time::SystemTime::now());
+        if let Err(e) = self
+            .ledger
+            .record_send_started(terminal, tran, &echo_of(sale), now)
+            .await
+        {
+            return store_failed(e);
         }
         match self.client.register(sale).await {
             Ok(id) => self.registered(sale, id).await,
