@@ -491,6 +491,35 @@ async fn a_rejected_product_waits_for_an_operator_while_the_others_go_on() {
     sim.stop().await;
 }
 
+/// Discards job `id`; an attempt under way (which the daemon refuses to
+/// discard during) is waited out by asking again.
+async fn discard(config: &Path, id: &str) {
+    let deadline = std::time::Instant::now() + common::EVENT_DEADLINE;
+    loop {
+        let (code, _, stderr) = common::run_relay(
+            &[
+                "outbox",
+                "discard",
+                id,
+                "--reason",
+                "test",
+                "--yes",
+                "--config",
+                config.to_str().unwrap(),
+            ],
+            &[],
+        );
+        if code == 0 {
+            return;
+        }
+        assert!(
+            stderr.contains("being attempted right now") && std::time::Instant::now() < deadline,
+            "discard {id}: {stderr}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
 /// Polls the daemon's pending `stock.push` jobs until there are `count`;
 /// their ids, oldest first.
 async fn until_pending_pushes(config: &Path, count: usize) -> Vec<String> {
@@ -540,16 +569,16 @@ async fn discarded_pushes_stop_no_later_push_and_lose_no_value() {
     notify(&relay, rows_now(&sim, &[("1", "701")])).await;
     let pushes = until_pending_pushes(&config, 2).await;
 
-    // During the outage the operator gives both up, the second one first
-    // (so that it never starts), and the EC side comes back.
+    // During the outage the operator pauses the downstream and gives both
+    // up, the second one first (so that it never starts); then the EC side
+    // comes back.
+    operator(&config, &["pause", "downstream", "--reason", "test"]);
     for push in pushes.iter().rev() {
-        operator(
-            &config,
-            &["outbox", "discard", push, "--reason", "test", "--yes"],
-        );
+        discard(&config, push).await;
     }
     until_pending_pushes(&config, 0).await;
     downstream.answer(200);
+    operator(&config, &["resume", "downstream"]);
 
     // The next change goes out, and with it the values the discarded
     // pushes did not deliver: a discarded job's mark stops nothing.
