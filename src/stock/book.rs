@@ -1616,7 +1616,6 @@ impl PushExecutor {
     }
 }
 
-/// The JSON body of a batch; see the README for the format.
 /// An absolute batch's webhook-id, named by its content and by the mirror
 /// values behind it: a resend of the same values has the same id (the
 /// receiver may drop it), while a batch with anything learned since has
@@ -1639,6 +1638,7 @@ fn absolute_batch_id(body: &[u8], items: &[Item]) -> String {
         .collect()
 }
 
+/// The JSON body of a batch; see the README for the format.
 pub fn batch_body(items: &[Item], clamp: Clamp) -> Vec<u8> {
     let stock: Vec<serde_json::Value> = items
         .iter()
