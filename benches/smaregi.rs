@@ -7,7 +7,8 @@
 //! `transaction_upd`; the relay also stages each job, marks its send
 //! started, records the registration and completes the job, each
 //! durably. Five interleaved rounds of 2,000 registrations each; the
-//! median round of each side is reported.
+//! median round of each side is reported, with the process's CPU time per
+//! registration (the simulator's own included on both sides).
 
 mod daemon_allocator;
 
@@ -87,6 +88,25 @@ fn relay_config(directory: &std::path::Path, endpoint: &str) -> Config {
     };
     config.outbox.rate_limit.insert(UPSTREAM.into(), unlimited);
     config
+}
+
+/// The CPU time this process has used (user and system), in seconds.
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").expect("Linux");
+    // The fields after the command name, which is in parentheses.
+    let fields: Vec<&str> = stat[stat.rfind(')').expect("comm") + 2..]
+        .split(' ')
+        .collect();
+    let ticks = |field: usize| fields[field].parse::<f64>().expect("clock ticks");
+    // utime and stime, fields 14 and 15 of proc_pid_stat(5), in USER_HZ (100).
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// Runs one round; its registrations per second and CPU µs per registration.
+async fn measured(round: impl std::future::Future<Output = f64>) -> (f64, f64) {
+    let before = cpu_seconds();
+    let rate = round.await;
+    (rate, (cpu_seconds() - before) * 1e6 / PER_ROUND as f64)
 }
 
 fn median(mut values: Vec<f64>) -> f64 {
@@ -186,14 +206,23 @@ fn main() {
 
         let (mut plain, mut relay) = (Vec::new(), Vec::new());
         for round in 0..ROUNDS {
-            plain.push(plain_round(&client, round).await);
-            relay.push(relay_round(&store, &config, &client).await);
-            println!("round {round}: plain client {:.0}/s, relay {:.0}/s", plain[round], relay[round]);
+            plain.push(measured(plain_round(&client, round)).await);
+            relay.push(measured(relay_round(&store, &config, &client)).await);
+            println!(
+                "round {round}: plain client {:.0}/s ({:.0} µs CPU each), relay {:.0}/s ({:.0} µs CPU each)",
+                plain[round].0, plain[round].1, relay[round].0, relay[round].1
+            );
         }
-        let (plain, relay) = (median(plain), median(relay));
+        let cpu = |side: &[(f64, f64)]| median(side.iter().map(|r| r.1).collect());
+        let (plain_cpu, relay_cpu) = (cpu(&plain), cpu(&relay));
+        let (plain, relay) = (
+            median(plain.iter().map(|r| r.0).collect()),
+            median(relay.iter().map(|r| r.0).collect()),
+        );
         println!(
             "smaregi: registrations through the relay {relay:.0}/s, plain client {plain:.0}/s: {:.0} % \
-             of the simulator's capacity (target ≥ 70 %)",
+             of the simulator's capacity (target ≥ 70 %); CPU per registration {relay_cpu:.0} µs \
+             through the relay, {plain_cpu:.0} µs by the plain client (medians)",
             100.0 * relay / plain
         );
         store.close().await.unwrap();
