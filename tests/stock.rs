@@ -391,21 +391,30 @@ fn operator(config: &Path, args: &[&str]) -> Value {
     serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{args:?}: {e}: {stdout}"))
 }
 
-/// Polls the daemon's outbox until `done` holds of its status; nothing
-/// outside the daemon can be told when a job ends.
-async fn until_outbox(config: &Path, done: impl Fn(&Value) -> bool) -> Value {
+/// Polls `attempt` until it gives a value; fails the test with its last
+/// word after the deadline. Polls: nothing outside the daemon can be told
+/// when a job ends.
+async fn poll<T>(mut attempt: impl FnMut() -> Result<T, String>) -> T {
     let deadline = std::time::Instant::now() + common::EVENT_DEADLINE;
     loop {
-        let status = operator(config, &["status"]);
-        if done(&status["outbox"]) {
-            return status;
+        match attempt() {
+            Ok(value) => return value,
+            Err(last) => assert!(std::time::Instant::now() < deadline, "{last}"),
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the outbox never got there: {status:#}"
-        );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
+}
+
+/// Polls the daemon's outbox until `done` holds of its status.
+async fn until_outbox(config: &Path, done: impl Fn(&Value) -> bool) -> Value {
+    poll(|| {
+        let status = operator(config, &["status"]);
+        match done(&status["outbox"]) {
+            true => Ok(status),
+            false => Err(format!("the outbox never got there: {status:#}")),
+        }
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -494,60 +503,47 @@ async fn a_rejected_product_waits_for_an_operator_while_the_others_go_on() {
 /// Discards job `id`; an attempt under way (which the daemon refuses to
 /// discard during) is waited out by asking again.
 async fn discard(config: &Path, id: &str) {
-    let deadline = std::time::Instant::now() + common::EVENT_DEADLINE;
-    loop {
-        let (code, _, stderr) = common::run_relay(
-            &[
-                "outbox",
-                "discard",
-                id,
-                "--reason",
-                "test",
-                "--yes",
-                "--config",
-                config.to_str().unwrap(),
-            ],
-            &[],
-        );
-        if code == 0 {
-            return;
-        }
+    let args = [
+        "outbox", "discard", id, "--reason", "test", "--yes", "--config",
+    ];
+    poll(|| {
+        let (code, _, stderr) =
+            common::run_relay(&[&args[..], &[config.to_str().unwrap()]].concat(), &[]);
         assert!(
-            stderr.contains("being attempted right now") && std::time::Instant::now() < deadline,
+            code == 0 || stderr.contains("being attempted right now"),
             "discard {id}: {stderr}"
         );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+        if code == 0 {
+            Ok(())
+        } else {
+            Err(format!("discard {id}: {stderr}"))
+        }
+    })
+    .await
 }
 
 /// Polls the daemon's pending `stock.push` jobs until there are `count`;
 /// their ids, oldest first.
 async fn until_pending_pushes(config: &Path, count: usize) -> Vec<String> {
-    let deadline = std::time::Instant::now() + common::EVENT_DEADLINE;
-    loop {
-        let listed = operator(
-            config,
-            &[
-                "outbox",
-                "list",
-                "--state",
-                "pending",
-                "--kind",
-                "stock.push",
-            ],
-        );
+    let args = [
+        "outbox",
+        "list",
+        "--state",
+        "pending",
+        "--kind",
+        "stock.push",
+    ];
+    poll(|| {
+        let listed = operator(config, &args);
         let ids: Vec<String> = (listed.as_array().unwrap().iter())
             .map(|job| job["id"].as_u64().unwrap().to_string())
             .collect();
-        if ids.len() == count {
-            return ids;
+        match ids.len() == count {
+            true => Ok(ids),
+            false => Err(format!("never {count} pending pushes: {listed:#}")),
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "never {count} pending pushes: {listed:#}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
