@@ -628,6 +628,16 @@ mod tests {
         matches!(record.status, OrderStatus::Held { .. })
     }
 
+    fn temp_store() -> (tempfile::TempDir, Store) {
+        let temp = tempfile::tempdir().unwrap();
+        let store = Store::open(&StoreOptions {
+            directory: temp.path().join("db"),
+            cache_capacity_bytes: 8 << 20,
+        })
+        .unwrap();
+        (temp, store)
+    }
+
     fn open(store: &Store, settings: BuildSettings, mapping: &Arc<HandMapping>) -> OrderBook {
         let engine = EngineBuilder::new(store, &OutboxConfig::default())
             .unwrap()
@@ -638,12 +648,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_order_held_while_a_mapping_that_knows_it_landed_is_released_at_once() {
-        let temp = tempfile::tempdir().unwrap();
-        let store = Store::open(&StoreOptions {
-            directory: temp.path().join("db"),
-            cache_capacity_bytes: 8 << 20,
-        })
-        .unwrap();
+        let (_temp, store) = temp_store();
         let mapping = Arc::new(HandMapping::default());
         mapping.publish_during_lookup.store(true, Ordering::SeqCst);
         let book = open(&store, settings(&[]), &mapping);
@@ -661,12 +666,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_held_order_that_cannot_be_built_keeps_no_other_from_release() {
-        let temp = tempfile::tempdir().unwrap();
-        let store = Store::open(&StoreOptions {
-            directory: temp.path().join("db"),
-            cache_capacity_bytes: 8 << 20,
-        })
-        .unwrap();
+        let (_temp, store) = temp_store();
         let mapping = Arc::new(HandMapping::default());
         let book = open(&store, settings(&[]), &mapping);
         for (id, method) in [("A-1", "cash"), ("B-1", "credit")] {
